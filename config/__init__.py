@@ -1,0 +1,5 @@
+"""Settings for the gateway, read from ``GATEWAY_*`` environment variables and ``.env``."""
+
+from config.settings import Settings
+
+__all__ = ["Settings"]

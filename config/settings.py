@@ -1,0 +1,127 @@
+"""The gateway's settings: the only code that reads the environment.
+
+Every field is read from ``GATEWAY_<NAME>`` (or a ``.env`` file). List settings are
+comma-separated in the environment (``GATEWAY_ALLOWED_ORIGINS=https://a.example,https://b.example``).
+Everything else in the project receives a ``Settings`` object; tests build one directly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # An empty value (GATEWAY_JWT_SECRET= in a copied .env.example) means "use the default".
+        env_ignore_empty=True,
+    )
+
+    # Server
+    env: Literal["dev", "production"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False
+
+    # Authentication
+    auth: Literal["jwt", "none"] = "jwt"
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_jwks_cache_s: float = Field(default=300.0, gt=0)
+    jwt_algorithms: CommaList = ["HS256"]
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = Field(default=10.0, ge=0)
+    auth_timeout_s: float = Field(default=5.0, gt=0)
+    allowed_origins: CommaList = []
+
+    # Backends
+    backend: str = "echo"
+    echo_delay_ms: float = Field(default=30.0, ge=0)
+    synthetic_ttft_ms: float = Field(default=200.0, ge=0)
+    synthetic_tokens_per_s: float = Field(default=50.0, ge=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
+
+    # Limits
+    max_message_bytes: int = Field(default=65536, ge=256)
+    max_prompt_chars: int = Field(default=32000, ge=1)
+    max_streams_per_connection: int = Field(default=8, ge=1)
+    max_streams_per_user: int = Field(default=32, ge=1)
+    max_connections: int = Field(default=10000, ge=1)
+    max_connections_per_user: int = Field(default=32, ge=1)
+    user_generate_rate_per_s: float = Field(default=5.0, gt=0)
+    user_generate_burst: int = Field(default=20, ge=1)
+
+    # Backpressure and socket writes
+    send_queue_size: int = Field(default=256, ge=1)
+    slow_consumer_timeout_s: float = Field(default=10.0, gt=0)
+    socket_send_buffer_bytes: int = Field(default=262144, ge=0)
+    tcp_user_timeout_s: float = Field(default=30.0, ge=0)
+
+    # Heartbeats
+    ws_ping_interval_s: float = Field(default=20.0, ge=0)
+    ws_ping_timeout_s: float = Field(default=20.0, ge=0)
+    heartbeat_interval_s: float = Field(default=15.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=45.0, gt=0)
+
+    # Shutdown
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+
+    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {
+            "HS256",
+            "HS384",
+            "HS512",
+            "RS256",
+            "RS384",
+            "RS512",
+            "ES256",
+            "ES384",
+            "ES512",
+            "PS256",
+            "PS384",
+            "PS512",
+            "EdDSA",
+        }
+        unknown = [alg for alg in value if alg not in allowed]
+        if unknown:
+            raise ValueError(f"unsupported JWT algorithm(s): {', '.join(unknown)}")
+        if not value:
+            raise ValueError("at least one JWT algorithm is required")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens must not exceed max_tokens")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        return self
+
+    @property
+    def has_jwt_key(self) -> bool:
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)

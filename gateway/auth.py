@@ -1,0 +1,175 @@
+"""JWT verification and credential extraction from a WebSocket handshake.
+
+Only the algorithms in ``GATEWAY_JWT_ALGORITHMS`` are accepted; ``exp`` is required;
+``nbf``, ``aud`` and ``iss`` are checked (the latter two when configured) with a small
+leeway. Error messages name the reason, never the token or a key.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio.to_thread
+import jwt
+import jwt.types
+
+from config import Settings
+from gateway.errors import AuthError
+from gateway.protocol import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+
+logger = logging.getLogger("gateway.auth")
+
+_HMAC = {"HS256", "HS384", "HS512"}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user: str
+    expires_at: float | None  # wall-clock seconds since the epoch
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCredentials:
+    token: str | None
+    source: str | None  # "header", "subprotocol" or "query"
+    subprotocol: str | None  # the subprotocol the server selects, never a bearer token
+
+
+def extract_credentials(
+    headers: Mapping[str, str], subprotocols: Iterable[str], query_string: bytes
+) -> HandshakeCredentials:
+    """Find a token in the handshake: Authorization header, then subprotocol, then query."""
+    offered = list(subprotocols)
+    selected = PROTOCOL if PROTOCOL in offered else None
+    authorization = headers.get("authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return HandshakeCredentials(value.strip(), "header", selected)
+    for proto in offered:
+        if proto.startswith(BEARER_SUBPROTOCOL_PREFIX) and len(proto) > len(BEARER_SUBPROTOCOL_PREFIX):
+            return HandshakeCredentials(proto[len(BEARER_SUBPROTOCOL_PREFIX) :], "subprotocol", selected)
+    for key, val in parse_qsl(query_string.decode("latin-1"), keep_blank_values=False):
+        if key == "token" and val:
+            return HandshakeCredentials(val, "query", selected)
+    return HandshakeCredentials(None, None, selected)
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    """No allowlist, or no Origin header (not a browser): allowed. Otherwise it must be listed."""
+    if not allowed or origin is None:
+        return True
+    return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.enabled = settings.auth == "jwt"
+        self.algorithms = list(settings.jwt_algorithms)
+        self.generated_dev_secret = False
+        self._jwks_client: jwt.PyJWKClient | None = None
+        secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
+        if self.enabled and not settings.has_jwt_key:
+            if settings.env == "production":
+                raise RuntimeError(
+                    "GATEWAY_ENV=production needs a JWT key: set GATEWAY_JWT_SECRET, "
+                    "GATEWAY_JWT_PUBLIC_KEY or GATEWAY_JWT_JWKS_URL (or GATEWAY_AUTH=none to turn "
+                    "authentication off deliberately)"
+                )
+            secret = secrets.token_urlsafe(32)
+            self.generated_dev_secret = True
+            self.algorithms = ["HS256"]
+        self._secret = secret
+        self._public_key = settings.jwt_public_key
+        if settings.jwt_jwks_url:
+            self._jwks_client = jwt.PyJWKClient(
+                settings.jwt_jwks_url, cache_keys=True, lifespan=int(settings.jwt_jwks_cache_s), timeout=5
+            )
+
+    def mint(self, sub: str, ttl_s: float = 3600.0, **claims: Any) -> str:
+        """A development token signed with the HMAC secret (configured or generated)."""
+        if not self._secret:
+            raise RuntimeError("minting needs GATEWAY_JWT_SECRET (an HMAC secret)")
+        now = int(time.time())
+        payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl_s)}
+        if self.settings.jwt_audience:
+            payload["aud"] = self.settings.jwt_audience
+        if self.settings.jwt_issuer:
+            payload["iss"] = self.settings.jwt_issuer
+        payload.update(claims)
+        algorithm = next((a for a in self.algorithms if a in _HMAC), "HS256")
+        return jwt.encode(payload, self._secret, algorithm=algorithm)
+
+    def _key_for(self, token: str, header: Mapping[str, Any]) -> Any:
+        alg = header.get("alg")
+        if alg in _HMAC:
+            if not self._secret:
+                raise AuthError("bad_algorithm", "token algorithm is not accepted")
+            return self._secret
+        if self._jwks_client is not None:
+            try:
+                return self._jwks_client.get_signing_key_from_jwt(token).key
+            except jwt.PyJWKClientConnectionError:
+                raise AuthError("jwks_unavailable", "signing keys are unavailable") from None
+            except jwt.PyJWKClientError:
+                raise AuthError("unknown_key", "token signing key is unknown") from None
+        if self._public_key:
+            return self._public_key
+        raise AuthError("bad_algorithm", "token algorithm is not accepted")
+
+    def _verify_sync(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("malformed", "token is malformed") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise AuthError("bad_algorithm", "token algorithm is not accepted")
+        key = self._key_for(token, header)
+        options: jwt.types.Options = {"require": ["exp", "sub"], "verify_aud": bool(self.settings.jwt_audience)}
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.settings.jwt_audience,
+                issuer=self.settings.jwt_issuer,
+                leeway=self.settings.jwt_leeway_s,
+                options=options,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired", "token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("not_yet_valid", "token is not yet valid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError("missing_claim", f"token lacks the {exc.claim!r} claim") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("bad_audience", "token audience is not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("bad_issuer", "token issuer is not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature", "token signature is invalid") from None
+        except (jwt.InvalidKeyError, jwt.InvalidAlgorithmError):
+            raise AuthError("bad_algorithm", "token algorithm is not accepted") from None
+        except jwt.PyJWTError:
+            raise AuthError("invalid", "token is invalid") from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("missing_claim", "token lacks a valid 'sub' claim")
+        exp = claims.get("exp")
+        return Principal(user=sub, expires_at=float(exp) if isinstance(exp, int | float) else None, claims=claims)
+
+    async def verify(self, token: str) -> Principal:
+        if not self.enabled:
+            return Principal(user="anonymous", expires_at=None)
+        if self._jwks_client is not None:
+            # PyJWKClient fetches with blocking I/O: keep it off the event loop.
+            return await anyio.to_thread.run_sync(self._verify_sync, token)
+        return self._verify_sync(token)

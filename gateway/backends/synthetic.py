@@ -1,0 +1,78 @@
+"""``synthetic``: an LLM stand-in for load tests.
+
+Exactly ``max_tokens`` tokens of deterministic text (the text depends only on the prompt
+and ``max_tokens``), the first after ``GATEWAY_SYNTHETIC_TTFT_MS``, then paced at
+``GATEWAY_SYNTHETIC_TOKENS_PER_S`` against a fixed schedule, so a slow consumer does not
+make the backend drift; 0 means as fast as possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+
+from config import Settings
+from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+
+VOCABULARY = (
+    "the model streams tokens over a socket while clients read them as fast as they can and every gateway "
+    "keeps its queues bounded so that memory stays flat under load with heartbeats and backpressure working "
+    "together quietly in the background of each connection"
+).split()
+
+# At full speed, yield to the event loop every this many tokens so other connections run.
+_YIELD_EVERY = 32
+
+
+def synthetic_tokens(prompt: str, count: int) -> list[str]:
+    seed = int.from_bytes(hashlib.blake2b(f"{count}:{prompt}".encode(), digest_size=8).digest(), "big")
+    words = []
+    state = seed or 1
+    for index in range(count):
+        # xorshift64: cheap, deterministic, platform independent.
+        state ^= (state << 13) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 7
+        state ^= (state << 17) & 0xFFFFFFFFFFFFFFFF
+        word = VOCABULARY[state % len(VOCABULARY)]
+        words.append(word if index == 0 else " " + word)
+    return words
+
+
+class SyntheticBackend:
+    name = "synthetic"
+
+    def __init__(self, settings: Settings) -> None:
+        self.ttft_s = settings.synthetic_ttft_ms / 1000.0
+        self.tokens_per_s = settings.synthetic_tokens_per_s
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        prompt = request.last_user_text()
+        tokens = synthetic_tokens(prompt, request.max_tokens)
+        started = anyio.current_time()
+        if self.ttft_s:
+            await anyio.sleep(self.ttft_s)
+        interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
+        first_at = started + self.ttft_s
+        for index, text in enumerate(tokens):
+            if interval:
+                delay = first_at + index * interval - anyio.current_time()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                else:
+                    await anyio.lowlevel.checkpoint()
+            elif index % _YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
+            yield TokenChunk(text)
+        yield FinishChunk("length", prompt_tokens=len(prompt.split()), completion_tokens=len(tokens))

@@ -1,0 +1,111 @@
+"""Per-connection deadlines, with the clock injected: no I/O and no sleeping here.
+
+The connection's timer task asks ``next_deadline()`` how long it may sleep and calls
+``poll(now)`` when it wakes; ``poll`` says what is due. Everything that moves a deadline
+(an inbound frame, the send queue filling or draining) is reported with the time it
+happened, so tests drive it with plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+
+class Due(Enum):
+    SEND_PING = "send_ping"
+    STALE = "stale"  # no sign of life for heartbeat_timeout_s: close 4000
+    TOKEN_EXPIRED = "token_expired"  # the credential ran out: error frame, close 1008
+    SLOW_CONSUMER = "slow_consumer"  # queue full for slow_consumer_timeout_s: close 4003
+
+
+class Liveness:
+    def __init__(
+        self,
+        *,
+        now: float,
+        heartbeat_interval_s: float,
+        heartbeat_timeout_s: float,
+        slow_consumer_timeout_s: float,
+        token_expires_at: float | None = None,
+    ) -> None:
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.slow_consumer_timeout_s = slow_consumer_timeout_s
+        self.token_expires_at = token_expires_at
+        self.last_inbound = now
+        self.next_ping_at = now + heartbeat_interval_s
+        self.queue_full_since: float | None = None
+
+    def inbound(self, now: float) -> None:
+        """Any frame from the client, including protocol-level pongs, is a sign of life."""
+        if now > self.last_inbound:
+            self.last_inbound = now
+
+    def queue_full(self, now: float) -> bool:
+        """Report that a producer found the send queue full. True when this starts the clock."""
+        if self.queue_full_since is None:
+            self.queue_full_since = now
+            return True
+        return False
+
+    def queue_drained(self) -> None:
+        """Report that the writer took frames from the queue: the client is reading."""
+        self.queue_full_since = None
+
+    def stale_at(self) -> float:
+        return self.last_inbound + self.heartbeat_timeout_s
+
+    def next_deadline(self) -> float:
+        candidates = [self.next_ping_at, self.stale_at()]
+        if self.token_expires_at is not None:
+            candidates.append(self.token_expires_at)
+        if self.queue_full_since is not None:
+            candidates.append(self.queue_full_since + self.slow_consumer_timeout_s)
+        return min(candidates) if candidates else math.inf
+
+    def poll(self, now: float) -> list[Due]:
+        """What is due at ``now``. Closing conditions come first; a ping is listed only
+        when nothing closes the connection."""
+        due: list[Due] = []
+        if self.queue_full_since is not None and now >= self.queue_full_since + self.slow_consumer_timeout_s:
+            due.append(Due.SLOW_CONSUMER)
+        if now >= self.stale_at():
+            due.append(Due.STALE)
+        if self.token_expires_at is not None and now >= self.token_expires_at:
+            due.append(Due.TOKEN_EXPIRED)
+        if due:
+            return due
+        if now >= self.next_ping_at:
+            due.append(Due.SEND_PING)
+            # Pings keep a fixed cadence from the last one, not from when the timer woke.
+            while self.next_ping_at <= now:
+                self.next_ping_at += self.heartbeat_interval_s
+        return due
+
+
+class TokenBucket:
+    """A token bucket: ``rate_per_s`` refill, ``burst`` capacity. Time is passed in."""
+
+    def __init__(self, *, rate_per_s: float, burst: int, now: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated_at = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated_at:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated_at) * self.rate_per_s)
+            self.updated_at = now
+
+    def try_take(self, now: float) -> float:
+        """Take one token. Returns 0.0 on success, else the seconds until one is available."""
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate_per_s
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.burst

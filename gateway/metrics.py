@@ -1,0 +1,44 @@
+"""Prometheus metrics, one registry per app so several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("gateway_open_connections", "Open WebSocket connections", registry=r)
+        self.connections_total = Counter("gateway_connections_total", "Accepted WebSocket connections", registry=r)
+        self.active_generations = Gauge("gateway_active_generations", "Generations running now", registry=r)
+        self.generations_total = Counter(
+            "gateway_generations_total", "Finished generations by outcome", ["outcome"], registry=r
+        )
+        self.tokens_sent = Counter("gateway_tokens_sent_total", "Tokens delivered to clients", registry=r)
+        self.frames_sent = Counter("gateway_frames_sent_total", "Frames written to clients", registry=r)
+        self.coalesced_tokens = Counter(
+            "gateway_coalesced_tokens_total",
+            "Tokens that rode in a frame together with an earlier token (frames saved by coalescing)",
+            registry=r,
+        )
+        self.closes = Counter(
+            "gateway_closes_total", "Connections closed by the server, by reason", ["reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures_total", "Rejected credentials by reason", ["reason"], registry=r
+        )
+        self.errors = Counter("gateway_errors_total", "Error frames sent, by code", ["code"], registry=r)
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "From an accepted generate to its first token being queued",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

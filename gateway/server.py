@@ -1,0 +1,166 @@
+"""Running the gateway under uvicorn, with the parts plain uvicorn lacks.
+
+- ``GatewayWebSocketProtocol`` (uvicorn's websockets-sansio implementation) bounds what a
+  client that stops reading can cost: a deliberate kernel send buffer (``SO_SNDBUF``),
+  ``TCP_USER_TIMEOUT`` so the kernel gives up on a peer that acknowledges nothing, and a
+  close that does not wait for the send buffer to drain (uvicorn's own close waits until
+  the transport is writable, which never happens behind a client that stopped reading).
+  It also records when the client last sent anything, protocol pongs included, which is
+  the connection's sign of life.
+- ``GatewayServer`` owns the shutdown sequence: on SIGTERM uvicorn would send 1012 to
+  every WebSocket at once; the gateway drains first (see ``Hub.drain``) and only then lets
+  uvicorn close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from config import Settings
+from gateway.logs import logging_config
+
+logger = logging.getLogger("gateway.server")
+
+TRANSPORT_EXTENSION = "gateway.transport"
+
+# After a forced close, how long a peer gets to take the close frame before the socket
+# is aborted.
+ABORT_GRACE_S = 1.0
+
+
+class TransportControl:
+    """What a connection handler may do to its socket beyond ASGI, exposed as the
+    ``gateway.transport`` scope extension."""
+
+    def __init__(self, protocol: GatewayWebSocketProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def last_inbound(self) -> float:
+        """Event-loop time of the last bytes received from the client."""
+        return self._protocol.last_inbound
+
+    @property
+    def buffered_bytes(self) -> int:
+        transport = self._protocol.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def force_close(self, code: int, reason: str = "") -> None:
+        """Queue a close frame without waiting for the send buffer, then close the socket;
+        abort it if the peer has not taken the buffered bytes within ``ABORT_GRACE_S``."""
+        self._protocol.force_close(code, reason)
+
+
+class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    send_buffer_bytes: int = 0
+    tcp_user_timeout_ms: int = 0
+    write_high_water: int = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_inbound = self.loop.time()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                if self.send_buffer_bytes:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+                if self.tcp_user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.tcp_user_timeout_ms)
+            except OSError:  # pragma: no cover - best effort on unusual platforms
+                logger.debug("could not set socket options", exc_info=True)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=self.write_high_water)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_inbound = self.loop.time()
+        super().data_received(data)
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # The ASGI task was created but has not run yet, so the scope can still be extended.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][TRANSPORT_EXTENSION] = TransportControl(self)
+
+    def force_close(self, code: int, reason: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.close_sent:
+            try:
+                self.conn.send_close(code, reason)
+                transport.write(b"".join(self.conn.data_to_send()))
+            except Exception:  # the protocol may already be closing
+                pass
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        # Unblock an ASGI send() waiting for the buffer to drain; it will see close_sent.
+        self.writable.set()
+        transport.close()
+        self.loop.call_later(ABORT_GRACE_S, transport.abort)
+
+
+def make_protocol_class(settings: Settings) -> type[GatewayWebSocketProtocol]:
+    return type(
+        "ConfiguredGatewayWebSocketProtocol",
+        (GatewayWebSocketProtocol,),
+        {
+            "send_buffer_bytes": settings.socket_send_buffer_bytes,
+            "tcp_user_timeout_ms": int(settings.tcp_user_timeout_s * 1000),
+        },
+    )
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with the gateway's drain in front of uvicorn's own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, hub: Any) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Keep listening while draining, so /readyz can report 503 to the load balancer.
+        try:
+            await self.hub.drain(force_exit=lambda: self.force_exit)
+        except Exception:
+            logger.exception("drain failed; closing connections now")
+        await super().shutdown(sockets)
+
+
+def uvicorn_config(
+    app: Any, settings: Settings, *, host: str | None = None, port: int | None = None, **overrides: Any
+) -> uvicorn.Config:
+    options: dict[str, Any] = {
+        "host": host if host is not None else settings.host,
+        "port": port if port is not None else settings.port,
+        "ws": make_protocol_class(settings),
+        "ws_max_size": settings.max_message_bytes,
+        "ws_ping_interval": settings.ws_ping_interval_s or None,
+        "ws_ping_timeout": settings.ws_ping_timeout_s or None,
+        # Compression costs CPU on every frame and the size limit would apply only after
+        # inflating; token frames are small. Off.
+        "ws_per_message_deflate": False,
+        "log_config": logging_config(settings.log_level, access_log=settings.access_log),
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": 5,
+        "lifespan": "on",
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    server = GatewayServer(uvicorn_config(app, settings, host=host, port=port), app.state.hub)
+    server.run()

@@ -1,0 +1,270 @@
+"""Test helpers: real servers (in a thread or a subprocess) and tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+from websockets.asyncio.client import ClientConnection, connect
+
+from config import Settings
+from gateway.app import create_app
+from gateway.server import GatewayServer, uvicorn_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-0123456789abcdef0123456789"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "jwt_secret": SECRET,
+        "echo_delay_ms": 0,
+        "synthetic_ttft_ms": 0,
+        "ws_ping_interval_s": 0,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def mint(sub: str = "alice", *, ttl: float = 3600, secret: str = SECRET, algorithm: str = "HS256",
+         **claims: Any) -> str:
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl)}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+class ServerThread:
+    """A real uvicorn server (the gateway's own GatewayServer) on an ephemeral port, in a
+    thread with its own event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.hub = self.app.state.hub
+        config = uvicorn_config(self.app, settings, host="127.0.0.1", port=0, log_config=None)
+        self.server = GatewayServer(config, self.hub)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        return metric_value(self.app.state.hub.metrics.render().decode(), name)
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@contextlib.asynccontextmanager
+async def ws_connect(url: str, token: str | None = None, **kwargs: Any) -> Any:
+    headers = kwargs.pop("additional_headers", {}) or {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with connect(url, additional_headers=headers, open_timeout=5, ping_interval=None, **kwargs) as ws:
+        yield ws
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    import anyio
+
+    with anyio.fail_after(timeout):
+        message = await ws.recv()
+    assert isinstance(message, str)
+    data = json.loads(message)
+    assert isinstance(data, dict)
+    return data
+
+
+async def recv_until(ws: ClientConnection, predicate: Any, timeout: float = 10.0,
+                     skip_pings: bool = True) -> list[dict[str, Any]]:
+    """Receive frames until one satisfies ``predicate``; return them all (that one last)."""
+    import anyio
+
+    frames = []
+    with anyio.fail_after(timeout):
+        while True:
+            frame = await recv_json(ws, timeout)
+            if skip_pings and frame.get("type") == "ping":
+                continue
+            frames.append(frame)
+            if predicate(frame):
+                return frames
+
+
+def terminal_for(stream_id: str) -> Any:
+    return lambda f: f.get("id") == stream_id and f.get("type") in ("done", "error")
+
+
+def stream_text(frames: list[dict[str, Any]], stream_id: str) -> str:
+    return "".join(f["text"] for f in frames if f.get("type") == "token" and f.get("id") == stream_id)
+
+
+class ServerProcess:
+    """``python -m gateway serve`` in a subprocess, with ``env`` as GATEWAY_* settings."""
+
+    def __init__(self, env: dict[str, str], *, args: tuple[str, ...] = ()) -> None:
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.env.setdefault("GATEWAY_PORT", "0")
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._started = threading.Event()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = re.search(r"Uvicorn running on http://[^:]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._started.set()
+        self._started.set()
+
+    def __enter__(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", *self.args],
+            env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=str(ROOT),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._started.wait(30) or not self.port:
+            self.stop()
+            raise RuntimeError("gateway process did not start:\n" + "".join(self.lines))
+        return self
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def rss_kb(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    yield from text.splitlines()
+
+
+class RawClient:
+    """A WebSocket client on a blocking socket that reads only when told to.
+
+    It speaks the protocol through the websockets library's sans-I/O ``ClientProtocol``, so
+    a test can stop reading (a stalled or vanished client) while the TCP connection stays
+    open, which no ordinary client library allows.
+    """
+
+    def __init__(self, port: int, token: str, *, recv_buffer: int = 32768) -> None:
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws"), max_size=None)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        request = self.protocol.connect()
+        request.headers["Authorization"] = f"Bearer {token}"
+        self.protocol.send_request(request)
+        self._flush()
+        self.frames: list[dict[str, Any]] = []
+        while not self.frames:  # the handshake response, then hello
+            self.read_some()
+
+    def _flush(self) -> None:
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                self.sock.sendall(chunk)
+
+    def read_some(self) -> None:
+        from websockets.frames import Frame as WsFrame
+        from websockets.frames import Opcode
+
+        data = self.sock.recv(65536)
+        if not data:
+            self.protocol.receive_eof()
+        else:
+            self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
+                self.frames.append(json.loads(bytes(event.data)))
+        if self.protocol.handshake_exc is not None:
+            raise self.protocol.handshake_exc
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self.protocol.send_text(json.dumps(obj).encode())
+        self._flush()
+
+    def close(self) -> None:
+        self.sock.close()

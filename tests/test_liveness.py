@@ -1,0 +1,78 @@
+"""Connection deadlines and rate buckets with an injected clock."""
+
+from __future__ import annotations
+
+from gateway.liveness import Due, Liveness, TokenBucket
+
+
+def make(now: float = 100.0, **kw: float) -> Liveness:
+    args = {"heartbeat_interval_s": 15.0, "heartbeat_timeout_s": 45.0, "slow_consumer_timeout_s": 10.0}
+    args.update(kw)
+    return Liveness(now=now, **args)
+
+
+def test_pings_on_a_fixed_cadence() -> None:
+    live = make()
+    assert live.next_deadline() == 115.0
+    assert live.poll(114.9) == []
+    assert live.poll(115.0) == [Due.SEND_PING]
+    assert live.next_deadline() == 130.0
+    # A late wake-up does not shift the cadence or send a burst of pings.
+    live.inbound(131.0)
+    assert live.poll(137.0) == [Due.SEND_PING]
+    assert live.next_deadline() == 145.0
+
+
+def test_stale_after_timeout_without_inbound() -> None:
+    live = make()
+    live.inbound(120.0)
+    assert live.stale_at() == 165.0
+    assert Due.STALE not in live.poll(164.0)
+    assert live.poll(165.0) == [Due.STALE]
+
+
+def test_inbound_never_moves_backwards() -> None:
+    live = make()
+    live.inbound(150.0)
+    live.inbound(120.0)
+    assert live.last_inbound == 150.0
+
+
+def test_slow_consumer_after_queue_stays_full() -> None:
+    live = make()
+    assert live.queue_full(101.0) is True
+    assert live.queue_full(105.0) is False  # the clock started at 101
+    assert live.next_deadline() == 111.0
+    assert live.poll(110.9) == []
+    assert live.poll(111.0) == [Due.SLOW_CONSUMER]
+
+
+def test_draining_the_queue_resets_the_slow_consumer_clock() -> None:
+    live = make()
+    live.queue_full(101.0)
+    live.queue_drained()
+    live.queue_full(109.0)
+    assert live.poll(112.0) == []
+    assert live.poll(119.0) == [Due.SLOW_CONSUMER]
+
+
+def test_token_expiry_is_a_deadline() -> None:
+    live = make(token_expires_at=105.0)
+    assert live.next_deadline() == 105.0
+    assert live.poll(104.0) == []
+    assert live.poll(105.0) == [Due.TOKEN_EXPIRED]
+
+
+def test_closing_conditions_suppress_the_ping() -> None:
+    live = make()
+    assert live.poll(200.0) == [Due.STALE]
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate_per_s=2.0, burst=3, now=0.0)
+    assert [bucket.try_take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.try_take(0.0) == 0.5
+    assert bucket.try_take(0.25) == 0.25
+    assert bucket.try_take(0.5) == 0.0
+    assert not bucket.full(0.5)
+    assert bucket.full(10.0)

@@ -1,0 +1,70 @@
+"""Settings: the environment, .env files, and .env.example kept complete and true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example_entries() -> dict[str, str]:
+    entries = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            entries[key.strip()] = value.strip()
+    return entries
+
+
+def test_env_example_lists_every_setting_with_a_comment() -> None:
+    keys = set(example_entries())
+    fields = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    assert keys == fields
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("GATEWAY_"):
+            # Each setting has a comment above it (or shares the one above its group's first line).
+            above = lines[index - 1]
+            assert above.startswith("#") or above.startswith("GATEWAY_"), line
+
+
+def test_env_example_values_are_the_defaults(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text())
+    from_example = Settings(_env_file=str(env_file))  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert from_example.model_dump() == defaults.model_dump()
+
+
+def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("GATEWAY_JWT_ALGORITHMS", "RS256,ES256")
+    monkeypatch.setenv("GATEWAY_MAX_CONNECTIONS", "7")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.allowed_origins == ["https://a.example", "https://b.example"]
+    assert settings.jwt_algorithms == ["RS256", "ES256"]
+    assert settings.max_connections == 7
+
+
+@pytest.mark.parametrize("values", [
+    {"jwt_algorithms": ["none"]},
+    {"jwt_algorithms": []},
+    {"default_max_tokens": 10, "max_tokens": 5},
+    {"heartbeat_interval_s": 30, "heartbeat_timeout_s": 20},
+    {"send_queue_size": 0},
+    {"env": "staging"},
+])
+def test_invalid_settings_are_refused(values: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def test_secret_is_not_shown_in_repr() -> None:
+    settings = Settings(_env_file=None, jwt_secret="super-secret-value")  # type: ignore[call-arg]
+    assert "super-secret-value" not in repr(settings)
+    assert "super-secret-value" not in str(settings.model_dump())
