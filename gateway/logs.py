@@ -32,6 +32,12 @@ class RedactingFilter(logging.Filter):
         # is configured and GATEWAY_ENV=dev, marked with extra={"dev_token": True}.
         if getattr(record, "dev_token", False):
             return True
+        # The websockets protocol logs every frame at DEBUG (to uvicorn.error): data frames
+        # carry prompts and tokens, so they are dropped; control frames are kept.
+        if record.levelno == logging.DEBUG and record.msg in ("< %s", "> %s") and record.args:
+            frame = record.args[0] if isinstance(record.args, tuple) else None
+            if getattr(getattr(frame, "opcode", None), "name", "") in ("TEXT", "BINARY", "CONT"):
+                return False
         try:
             message = record.getMessage()
         except Exception:  # a malformed record: leave it to the formatter to report

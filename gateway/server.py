@@ -134,6 +134,9 @@ class GatewayServer(uvicorn.Server):
         except Exception:
             logger.exception("drain failed; closing connections now")
         await super().shutdown(sockets)
+        # uvicorn re-raises a captured SIGTERM after shutting down, so the process would die
+        # of the signal; a completed drain is a clean exit.
+        self._captured_signals.clear()
 
 
 def uvicorn_config(

@@ -58,6 +58,7 @@ def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     {"heartbeat_interval_s": 30, "heartbeat_timeout_s": 20},
     {"send_queue_size": 0},
     {"env": "staging"},
+    {"jwt_secret": "too-short"},
 ])
 def test_invalid_settings_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
@@ -65,6 +66,6 @@ def test_invalid_settings_are_refused(values: dict[str, object]) -> None:
 
 
 def test_secret_is_not_shown_in_repr() -> None:
-    settings = Settings(_env_file=None, jwt_secret="super-secret-value")  # type: ignore[call-arg]
-    assert "super-secret-value" not in repr(settings)
-    assert "super-secret-value" not in str(settings.model_dump())
+    settings = Settings(_env_file=None, jwt_secret="super-secret-value-0123456789abcdefghij")  # type: ignore[call-arg]
+    assert "super-secret-value-0123456789abcdefghij" not in repr(settings)
+    assert "super-secret-value-0123456789abcdefghij" not in str(settings.model_dump())

@@ -9,7 +9,7 @@ make the backend drift; 0 means as fast as possible.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -27,18 +27,24 @@ VOCABULARY = (
 _YIELD_EVERY = 32
 
 
-def synthetic_tokens(prompt: str, count: int) -> list[str]:
+def iter_synthetic_tokens(prompt: str, count: int) -> Iterator[str]:
+    """The deterministic token sequence for ``prompt`` and ``count``, generated lazily so a
+    request for millions of tokens costs no memory up front."""
     seed = int.from_bytes(hashlib.blake2b(f"{count}:{prompt}".encode(), digest_size=8).digest(), "big")
-    words = []
     state = seed or 1
+    vocabulary = VOCABULARY
+    size = len(vocabulary)
     for index in range(count):
         # xorshift64: cheap, deterministic, platform independent.
         state ^= (state << 13) & 0xFFFFFFFFFFFFFFFF
         state ^= state >> 7
         state ^= (state << 17) & 0xFFFFFFFFFFFFFFFF
-        word = VOCABULARY[state % len(VOCABULARY)]
-        words.append(word if index == 0 else " " + word)
-    return words
+        word = vocabulary[state % size]
+        yield word if index == 0 else " " + word
+
+
+def synthetic_tokens(prompt: str, count: int) -> list[str]:
+    return list(iter_synthetic_tokens(prompt, count))
 
 
 class SyntheticBackend:
@@ -59,13 +65,12 @@ class SyntheticBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         prompt = request.last_user_text()
-        tokens = synthetic_tokens(prompt, request.max_tokens)
         started = anyio.current_time()
         if self.ttft_s:
             await anyio.sleep(self.ttft_s)
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
         first_at = started + self.ttft_s
-        for index, text in enumerate(tokens):
+        for index, text in enumerate(iter_synthetic_tokens(prompt, request.max_tokens)):
             if interval:
                 delay = first_at + index * interval - anyio.current_time()
                 if delay > 0:
@@ -75,4 +80,4 @@ class SyntheticBackend:
             elif index % _YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
             yield TokenChunk(text)
-        yield FinishChunk("length", prompt_tokens=len(prompt.split()), completion_tokens=len(tokens))
+        yield FinishChunk("length", prompt_tokens=len(prompt.split()), completion_tokens=request.max_tokens)

@@ -1,0 +1,257 @@
+"""Authentication: JWT checks, the four ways to present a token, origins, and modes."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.auth import Authenticator, extract_credentials, origin_allowed
+from gateway.errors import AuthError
+from tests.support import SECRET, ServerThread, make_settings, mint, recv_json, ws_connect
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_pem(key: rsa.RSAPrivateKey) -> str:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+OTHER_SECRET = "another-secret-0123456789abcdef-long-enough"
+
+
+def bad_tokens(key: rsa.RSAPrivateKey) -> dict[str, tuple[str, str]]:
+    """name -> (token, expected rejection reason), for a server with HS256, audience and issuer."""
+    now = int(time.time())
+    good = {"sub": "alice", "exp": now + 600, "aud": "gw", "iss": "issuer"}
+    unsigned = _b64(b'{"alg":"none","typ":"JWT"}') + "." + _b64(json.dumps(good).encode()) + "."
+    return {
+        "bad signature": (jwt.encode(good, OTHER_SECRET, algorithm="HS256"), "bad_signature"),
+        "expired": (jwt.encode({**good, "exp": now - 60}, SECRET, algorithm="HS256"), "expired"),
+        "missing exp": (jwt.encode({k: v for k, v in good.items() if k != "exp"}, SECRET, algorithm="HS256"),
+                        "missing_claim"),
+        "not yet valid": (jwt.encode({**good, "nbf": now + 600}, SECRET, algorithm="HS256"), "not_yet_valid"),
+        "wrong audience": (jwt.encode({**good, "aud": "other"}, SECRET, algorithm="HS256"), "bad_audience"),
+        "wrong issuer": (jwt.encode({**good, "iss": "mallory"}, SECRET, algorithm="HS256"), "bad_issuer"),
+        "alg none": (unsigned, "bad_algorithm"),
+        "RS256 token on an HS256 server": (jwt.encode(good, key, algorithm="RS256"), "bad_algorithm"),
+        "garbage": ("not.a.jwt", "malformed"),
+    }
+
+
+def strict_settings(**overrides: Any) -> Any:
+    return make_settings(jwt_audience="gw", jwt_issuer="issuer", jwt_leeway_s=5, **overrides)
+
+
+def good_token(**claims: Any) -> str:
+    return mint("alice", aud="gw", iss="issuer", **claims)
+
+
+async def test_each_bad_token_is_rejected_with_its_reason(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = Authenticator(strict_settings())
+    for name, (token, reason) in bad_tokens(rsa_key).items():
+        with pytest.raises(AuthError) as info:
+            await auth.verify(token)
+        assert info.value.reason == reason, name
+        assert token not in info.value.message and SECRET not in info.value.message
+    principal = await auth.verify(good_token())
+    assert principal.user == "alice" and principal.expires_at is not None
+
+
+async def test_hs256_token_signed_with_the_rs256_public_key_is_rejected(rsa_key: rsa.RSAPrivateKey) -> None:
+    """The classic key-confusion attack against a server that accepts RS256."""
+    pem = public_pem(rsa_key)
+    auth = Authenticator(make_settings(jwt_secret=None, jwt_public_key=pem, jwt_algorithms=["RS256"]))
+    payload = {"sub": "mallory", "exp": int(time.time()) + 600}
+    header = _b64(b'{"alg":"HS256","typ":"JWT"}')
+    body = _b64(json.dumps(payload).encode())
+    import hashlib
+    import hmac
+
+    signature = _b64(hmac.new(pem.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest())
+    with pytest.raises(AuthError) as info:
+        await auth.verify(f"{header}.{body}.{signature}")
+    assert info.value.reason == "bad_algorithm"
+    assert (await auth.verify(jwt.encode(payload, rsa_key, algorithm="RS256"))).user == "mallory"
+
+
+async def test_leeway_accepts_a_token_that_just_expired() -> None:
+    auth = Authenticator(make_settings(jwt_leeway_s=30))
+    assert (await auth.verify(mint(ttl=-10))).user == "alice"
+
+
+async def test_handshake_rejections_are_http_403_without_upgrade(rsa_key: rsa.RSAPrivateKey) -> None:
+    with ServerThread(strict_settings()) as server:
+        for name, (token, reason) in bad_tokens(rsa_key).items():
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(server.url, token):
+                    pass
+            assert info.value.response.status_code == 403, name
+            body = json.loads(info.value.response.body or b"{}")
+            assert body["error"] == "unauthorized" and token not in json.dumps(body)
+            assert server.metric(f'gateway_auth_failures_total{{reason="{reason}"}}') >= 1, name
+        assert server.metric('gateway_auth_failures_total{reason="expired"}') == 1
+        async with ws_connect(server.url, good_token()) as ws:
+            assert (await recv_json(ws))["user"] == "alice"
+
+
+async def test_subprotocol_auth_selects_gateway_v1_and_never_echoes_the_token() -> None:
+    token = mint("bella")
+    with ServerThread(make_settings()) as server:
+        async with ws_connect(server.url, subprotocols=["gateway.v1", f"bearer.{token}"]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "gateway.v1"
+            assert ws.response is not None
+            assert token not in str(ws.response.headers)
+            assert (await recv_json(ws))["user"] == "bella"
+
+
+async def test_query_parameter_auth() -> None:
+    with ServerThread(make_settings()) as server:
+        async with ws_connect(f"{server.url}?token={mint('quinn')}") as ws:
+            assert (await recv_json(ws))["user"] == "quinn"
+
+
+async def test_first_message_auth() -> None:
+    with ServerThread(make_settings()) as server:
+        async with ws_connect(server.url) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": mint("fiona")}))
+            assert (await recv_json(ws))["user"] == "fiona"
+
+
+@pytest.mark.parametrize("first", [
+    json.dumps({"type": "auth", "token": "garbage"}),
+    json.dumps({"type": "generate", "prompt": "hi"}),
+    "hello",
+])
+async def test_a_rejected_first_message_closes_1008(first: str) -> None:
+    with ServerThread(make_settings()) as server:
+        async with ws_connect(server.url) as ws:
+            await ws.send(first)
+            with pytest.raises(ConnectionClosed) as info:
+                await recv_json(ws)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert "garbage" not in info.value.rcvd.reason
+
+
+async def test_no_credentials_and_no_auth_message_times_out_with_1008() -> None:
+    with ServerThread(make_settings(auth_timeout_s=0.3)) as server:
+        async with ws_connect(server.url) as ws:
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                await recv_json(ws, timeout=3)
+            assert time.monotonic() - started < 2
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd.reason == "authentication timeout"
+
+
+async def test_origin_allowlist() -> None:
+    with ServerThread(make_settings(allowed_origins=["https://app.example"])) as server:
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(server.url, mint(), origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+        async with ws_connect(server.url, mint(), origin="https://app.example") as ws:  # type: ignore[arg-type]
+            assert (await recv_json(ws))["type"] == "hello"
+        async with ws_connect(server.url, mint()) as ws:  # no Origin header: not a browser
+            assert (await recv_json(ws))["type"] == "hello"
+
+
+def test_origin_allowed_rules() -> None:
+    assert origin_allowed(None, ["https://a"])
+    assert origin_allowed("https://x", [])
+    assert origin_allowed("https://a", ["https://a/"])
+    assert not origin_allowed("https://b", ["https://a"])
+    assert origin_allowed("https://b", ["*"])
+
+
+def test_credential_precedence_and_subprotocol_selection() -> None:
+    creds = extract_credentials({"authorization": "Bearer H"}, ["gateway.v1", "bearer.S"], b"token=Q")
+    assert (creds.token, creds.source, creds.subprotocol) == ("H", "header", "gateway.v1")
+    creds = extract_credentials({}, ["bearer.S", "gateway.v1"], b"token=Q")
+    assert (creds.token, creds.source, creds.subprotocol) == ("S", "subprotocol", "gateway.v1")
+    creds = extract_credentials({}, [], b"a=1&token=Q")
+    assert (creds.token, creds.source, creds.subprotocol) == ("Q", "query", None)
+    assert extract_credentials({}, ["bearer.S"], b"").subprotocol is None
+
+
+async def test_auth_none_serves_anonymous() -> None:
+    with ServerThread(make_settings(auth="none", jwt_secret=None)) as server:
+        async with ws_connect(server.url) as ws:
+            assert (await recv_json(ws))["user"] == "anonymous"
+
+
+def test_production_without_a_key_refuses_to_start() -> None:
+    with pytest.raises(RuntimeError, match="GATEWAY_JWT_SECRET"):
+        Authenticator(make_settings(env="production", jwt_secret=None))
+
+
+async def test_dev_without_a_key_generates_a_secret_and_mints() -> None:
+    auth = Authenticator(make_settings(jwt_secret=None))
+    assert auth.generated_dev_secret
+    assert (await auth.verify(auth.mint("dev"))).user == "dev"
+    other = Authenticator(make_settings(jwt_secret=None))
+    with pytest.raises(AuthError):
+        await other.verify(auth.mint("dev"))
+
+
+@pytest.fixture
+def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[str]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    jwk.update({"kid": "k1", "use": "sig", "alg": "RS256"})
+    body = json.dumps({"keys": [jwk]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/.well-known/jwks.json"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str) -> None:
+    settings = make_settings(jwt_secret=None, jwt_jwks_url=jwks_server, jwt_algorithms=["RS256"])
+    payload = {"sub": "jay", "exp": int(time.time()) + 600}
+    with ServerThread(settings) as server:
+        async with ws_connect(server.url, jwt.encode(payload, rsa_key, algorithm="RS256",
+                                                     headers={"kid": "k1"})) as ws:
+            assert (await recv_json(ws))["user"] == "jay"
+        other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
+                                                         headers={"kid": "unknown"})):
+                pass
+        assert info.value.response.status_code == 403
+        assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
