@@ -143,13 +143,14 @@ def _dumps(obj: Any) -> str:
 
 
 def encode_hello(*, session: str, user: str, heartbeat_s: float, limits: dict[str, Any]) -> str:
+    heartbeat: float | int = int(heartbeat_s) if float(heartbeat_s).is_integer() else heartbeat_s
     return _dumps(
         {
             "type": "hello",
             "session": session,
             "user": user,
             "protocol": PROTOCOL,
-            "heartbeat_s": heartbeat_s,
+            "heartbeat_s": heartbeat,
             "limits": limits,
         }
     )
