@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     # Shutdown
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
+    # Scale-out and resume
+    redis_url: str | None = None
+    redis_prefix: str = "gw:"
+    resume_ttl_s: float = Field(default=300.0, gt=0)
+    resume_grace_s: float = Field(default=30.0, ge=0)
+    node_ttl_s: float = Field(default=10.0, gt=0)
+    workers: int = Field(default=1, ge=1)
+
+    # Roles and rooms
+    roles_claim: str = "roles"
+    admin_role: str = "admin"
+    rooms_claim: str = "rooms"
+    max_rooms_per_connection: int = Field(default=16, ge=1)
+
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:

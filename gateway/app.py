@@ -10,14 +10,15 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 import anyio
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from config import Settings
 from gateway.auth import Authenticator, Principal, extract_credentials, origin_allowed
 from gateway.backends import load_backend
+from gateway.cluster import build_cluster
 from gateway.connection import Connection
-from gateway.errors import AuthError, CloseCode
+from gateway.errors import AuthError, CloseCode, RedisUnavailable
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.protocol import AuthMessage, FrameError, parse_client_frame
@@ -112,7 +113,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             principal = await _first_message_auth(hub, websocket)
             if principal is None:
                 return
-        if not hub.limits.try_add_connection(principal.user):
+        lease = await hub.limits.add_connection(principal.user)
+        if lease is None:
             metrics.closes.labels("user_connections").inc()
             await _close(websocket, CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
             return
@@ -122,9 +124,40 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await connection.serve()
         finally:
             hub.connections.discard(connection)
-            hub.limits.remove_connection(principal.user, anyio.current_time())
+            with anyio.CancelScope(shield=True):
+                await lease.release()
     finally:
         hub.socket_closed()
+
+
+async def _admin_broadcast(hub: Hub, request: Request) -> Response:
+    """POST /admin/broadcast {"data": …, "user": optional}: a bearer JWT with the admin role."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return JSONResponse({"error": "unauthorized", "reason": "a bearer token is required"}, status_code=401)
+    try:
+        principal = await hub.auth.verify(token.strip())
+    except AuthError as exc:
+        hub.metrics.auth_failures.labels(exc.reason).inc()
+        return JSONResponse({"error": "unauthorized", "reason": exc.message}, status_code=401)
+    roles = principal.claims.get(hub.settings.roles_claim)
+    if not hub.auth.enabled or not isinstance(roles, list) or hub.settings.admin_role not in roles:
+        return JSONResponse({"error": "forbidden", "reason": "the admin role is required"}, status_code=403)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "data" not in body:
+        return JSONResponse({"error": "bad_request", "reason": 'body must be {"data": …, "user": optional}'},
+                            status_code=400)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        return JSONResponse({"error": "bad_request", "reason": "user must be a string"}, status_code=400)
+    try:
+        await hub.publish({"op": "broadcast", "data": body["data"], "user": user})
+    except Exception:
+        return JSONResponse({"error": "unavailable", "reason": "the cluster is unreachable"}, status_code=503)
+    return JSONResponse({"status": "sent"}, status_code=202)
 
 
 def _log_startup(settings: Settings, auth: Authenticator) -> None:
@@ -149,17 +182,28 @@ def create_app(settings: Settings) -> FastAPI:
     authenticator = Authenticator(settings)
     backend = load_backend(settings)
     metrics = Metrics()
-    hub = Hub(settings, backend, authenticator, metrics)
+    parts = build_cluster(settings)
+    hub = Hub(settings, backend, authenticator, metrics, parts.store, parts.backplane, parts.limits, parts.redis)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await backend.start()
-        _log_startup(settings, authenticator)
-        logger.info("gateway ready: backend=%s", backend.name)
-        try:
-            yield
-        finally:
-            await backend.aclose()
+        # The hub's task group owns every generation and background loop of this process.
+        async with anyio.create_task_group() as task_group:
+            try:
+                await hub.start(task_group)
+            except RedisUnavailable as exc:
+                logger.error("%s", exc)
+                raise
+            await backend.start()
+            _log_startup(settings, authenticator)
+            logger.info("gateway ready: backend=%s cluster=%s node=%s", backend.name, hub.store.name, hub.node_id)
+            try:
+                yield
+            finally:
+                task_group.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await backend.aclose()
+                    await hub.aclose()
 
     app = FastAPI(title="token gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
@@ -174,6 +218,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def readyz() -> Response:
         if hub.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not hub.redis_up:
+            # Still serving: streams whose client and producer share this process keep
+            # flowing; cross-process features wait for Redis. Taking every process out of
+            # rotation because Redis is down would make things worse.
+            return JSONResponse({"status": "degraded", "redis": "down"})
         try:
             ready = await backend.ready()
         except Exception:
@@ -182,6 +231,10 @@ def create_app(settings: Settings) -> FastAPI:
         if not ready:
             return JSONResponse({"status": "backend not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    @app.post("/admin/broadcast")
+    async def admin_broadcast(request: Request) -> Response:
+        return await _admin_broadcast(hub, request)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

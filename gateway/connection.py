@@ -28,8 +28,9 @@ from starlette import websockets as starlette_websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.auth import Principal
-from gateway.backends import ChatTurn, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends import ChatTurn, GenerationRequest
 from gateway.errors import CloseCode, ErrorCode, GatewayError
+from gateway.generation import Follow, Generation
 from gateway.hub import Hub
 from gateway.liveness import Due, Liveness
 from gateway.protocol import (
@@ -40,28 +41,30 @@ from gateway.protocol import (
     Frame,
     FrameError,
     GenerateMessage,
+    JoinMessage,
+    LeaveMessage,
     OutItem,
     PingMessage,
-    PongMessage,
+    ResumeMessage,
     StreamRef,
     Token,
     coalesce,
-    encode_done,
     encode_error,
     encode_gateway_error,
     encode_hello,
+    encode_presence,
+    encode_room_ack,
     encode_start,
     parse_client_frame,
 )
 from gateway.server import TRANSPORT_EXTENSION, TransportControl
+from gateway.store.base import StreamMeta, TokenBatch
 
 logger = logging.getLogger("gateway.connection")
 
 _WebSocketDisconnected: type[Exception] = getattr(starlette_websockets, "WebSocketDisconnected", RuntimeError)
 _SOCKET_GONE = (WebSocketDisconnect, _WebSocketDisconnected, OSError)
 
-# How long a backend iterator gets to run its cleanup after the gateway stops it.
-ACLOSE_TIMEOUT_S = 2.0
 # How long a graceful close may take to flush terminal frames before it turns abrupt.
 GRACEFUL_FLUSH_TIMEOUT_S = 5.0
 
@@ -70,27 +73,22 @@ def new_stream_id() -> str:
     return "g-" + secrets.token_hex(8)
 
 
+def new_epoch() -> str:
+    return "e-" + secrets.token_hex(6)
+
+
+# How often a connection following a generation through the store tells the producing
+# process that it is still there, as a fraction of the resume grace period.
+FOLLOW_NOTICE_FRACTION = 1 / 3
+
+
 @dataclass(eq=False)
-class Generation:
-    request: GenerationRequest
-    ref: StreamRef
-    accepted_at: float
+class RemoteFollow:
+    """Following a generation through the stream store (it runs on another process, or it
+    has finished). Owned by a task in the connection's task group."""
+
+    meta: StreamMeta
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    finished: anyio.Event = field(default_factory=anyio.Event)
-    cancel_frame: str | None = None
-    cancel_outcome: str = "cancelled"
-
-    @property
-    def id(self) -> str:
-        return self.request.id
-
-    def cancel(self, frame: str | None, outcome: str) -> None:
-        """Stop the generation; ``frame`` (or nothing) becomes its terminal frame."""
-        if self.scope.cancel_called:
-            return
-        self.cancel_frame = frame
-        self.cancel_outcome = outcome
-        self.scope.cancel()
 
 
 class Connection:
@@ -116,7 +114,8 @@ class Connection:
             slow_consumer_timeout_s=settings.slow_consumer_timeout_s,
             token_expires_at=expires_at,
         )
-        self.generations: dict[str, Generation] = {}
+        self.follows: dict[str, Follow | RemoteFollow] = {}
+        self.rooms: set[str] = set()
         self._wake_timer = anyio.Event()
         self._closing = anyio.Event()
         self._writer_done = anyio.Event()
@@ -135,8 +134,13 @@ class Connection:
             prefix = f"conn={self.session_id} user={self.user}" + (f" stream={stream}" if stream else "")
             logger.log(level, prefix + " " + message, *args)
 
-    def hello_frame(self) -> str:
+    async def hello_frame(self) -> str:
         s = self.settings
+        try:
+            with anyio.fail_after(2):
+                resumable = [{"id": m.id, "epoch": m.epoch} for m in await self.hub.store.resumable(self.user)]
+        except Exception:  # the store is unreachable: the hello still goes out
+            resumable = []
         return encode_hello(
             session=self.session_id,
             user=self.user,
@@ -151,11 +155,12 @@ class Connection:
                 "generate_rate_per_s": s.user_generate_rate_per_s,
                 "generate_burst": s.user_generate_burst,
             },
+            resumable=resumable,
         )
 
     async def serve(self) -> None:
         """Run the connection until it closes, then close the socket. Never raises."""
-        self._put_nowait(Frame(None, self.hello_frame()))
+        self._put_nowait(Frame(None, await self.hello_frame()))
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -173,8 +178,10 @@ class Connection:
         finally:
             self._send_queue.close()
             self._receive_queue.close()
+            self._detach_all()
             with anyio.CancelScope(shield=True):
                 await self._close_socket()
+                await self._leave_all_rooms()
 
     def shut_down(self) -> None:
         """Called by the hub's drain: end remaining generations with ``shutting_down``, 1001."""
@@ -208,11 +215,13 @@ class Connection:
 
     async def _finish_gracefully(self) -> None:
         terminal = self._generation_terminal
-        for generation in list(self.generations.values()):
+        local = [f for f in self.follows.values() if isinstance(f, Follow)]
+        for follow in local:
+            generation = follow.generation
             frame = encode_error(generation.id, terminal[0], terminal[1]) if terminal else None
             generation.cancel(frame, str(terminal[0]) if terminal else "cancelled")
-        for generation in list(self.generations.values()):
-            await generation.finished.wait()
+        for follow in local:
+            await follow.ended.wait()
         for frame in self._final_frames:
             await self._put(Frame(None, frame))
         self._send_queue.close()
@@ -237,7 +246,56 @@ class Connection:
         if self.transport is not None:
             self.transport.force_close(code, self.close_reason)
 
+    def _detach_all(self) -> None:
+        """The socket is gone: stop following. A detached generation keeps running for the
+        resume grace period (see ``Hub.generation_detached``)."""
+        follows = list(self.follows.values())
+        self.follows.clear()
+        for follow in follows:
+            if isinstance(follow, Follow):
+                follow.generation.detach(follow)
+            else:
+                follow.scope.cancel()
+
+    async def _leave_all_rooms(self) -> None:
+        for room in list(self.rooms):
+            self.rooms.discard(room)
+            self.hub.room_left(room, self)
+            with anyio.move_on_after(1.0):
+                with contextlib.suppress(Exception):
+                    await self.hub.publish(
+                        {"op": "room", "room": room, "frames": [encode_presence(room, self.user, "leave")]})
+
     # Send queue -----------------------------------------------------------------------------
+
+    async def put(self, item: OutItem) -> None:
+        """A generation's producer puts its frames here (``Sink``)."""
+        await self._put(item)
+
+    def follow_ended(self, follow: Follow) -> None:
+        if self.follows.get(follow.generation.id) is follow:
+            del self.follows[follow.generation.id]
+
+    def push(self, frame: str) -> None:
+        """Deliver a frame that must not wait (broadcast); a full queue is a slow consumer."""
+        if self._closing.is_set():
+            return
+        if not self._put_nowait(Frame(None, frame)):
+            self._slow_consumer()
+
+    def push_room(self, frames: list[Any]) -> None:
+        """Room fan-out never blocks the producer: a member whose queue is full is closed."""
+        if self._closing.is_set():
+            return
+        for frame in frames:
+            if isinstance(frame, str) and not self._put_nowait(Frame(None, frame)):
+                self._slow_consumer()
+                return
+
+    def _slow_consumer(self) -> None:
+        self._log(logging.INFO, "slow consumer: closing 4003")
+        self.hub.metrics.closes.labels("slow_consumer").inc()
+        self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def _put_nowait(self, item: OutItem) -> bool:
         try:
@@ -326,25 +384,23 @@ class Connection:
         except FrameError as exc:
             await self._send_error(exc.stream_id, exc)
             return
-        if isinstance(message, GenerateMessage):
-            try:
-                self._start_generation(message)
-            except GatewayError as exc:
-                await self._send_error(message.id, exc)
-        elif isinstance(message, CancelMessage):
-            generation = self.generations.get(message.id)
-            if generation is None:
-                await self._send_error(
-                    message.id, GatewayError("no running generation with this id", code=ErrorCode.NOT_FOUND)
-                )
-                return
-            generation.cancel(None, "cancelled")
-        elif isinstance(message, PingMessage):
-            await self._put(Frame(None, PONG_FRAME))
-        elif isinstance(message, PongMessage):
-            pass
-        elif isinstance(message, AuthMessage):
-            await self._send_error(None, GatewayError("already authenticated", code=ErrorCode.BAD_REQUEST))
+        try:
+            if isinstance(message, GenerateMessage):
+                await self._start_generation(message)
+            elif isinstance(message, CancelMessage):
+                await self._cancel(message.id)
+            elif isinstance(message, ResumeMessage):
+                await self._resume(message.id, message.after)
+            elif isinstance(message, JoinMessage):
+                await self._join(message.room)
+            elif isinstance(message, LeaveMessage):
+                await self._leave(message.room)
+            elif isinstance(message, PingMessage):
+                await self._put(Frame(None, PONG_FRAME))
+            elif isinstance(message, AuthMessage):
+                raise GatewayError("already authenticated", code=ErrorCode.BAD_REQUEST)
+        except GatewayError as exc:
+            await self._send_error(getattr(message, "id", None), exc)
 
     async def _timer(self) -> None:
         liveness = self.liveness
@@ -354,9 +410,7 @@ class Connection:
             now = anyio.current_time()
             for due in liveness.poll(now):
                 if due is Due.SLOW_CONSUMER:
-                    self._log(logging.INFO, "slow consumer: closing 4003")
-                    self.hub.metrics.closes.labels("slow_consumer").inc()
-                    self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                    self._slow_consumer()
                     return
                 if due is Due.STALE:
                     self._log(
@@ -388,27 +442,37 @@ class Connection:
 
     # Generations ------------------------------------------------------------------------
 
-    def _start_generation(self, message: GenerateMessage) -> None:
+    async def _start_generation(self, message: GenerateMessage) -> None:
         """Admit a generate or raise the error that refuses it."""
         settings = self.settings
+        hub = self.hub
         if message.prompt_chars() > settings.max_prompt_chars:
-            raise GatewayError(
-                f"the prompt is longer than {settings.max_prompt_chars} characters", code=ErrorCode.PROMPT_TOO_LONG
-            )
+            raise GatewayError(f"the prompt is longer than {settings.max_prompt_chars} characters",
+                               code=ErrorCode.PROMPT_TOO_LONG)
         if message.max_tokens is not None and message.max_tokens > settings.max_tokens:
             raise GatewayError(f"max_tokens must be at most {settings.max_tokens}", code=ErrorCode.BAD_REQUEST)
+        if message.room is not None and message.room not in self.rooms:
+            raise GatewayError("join the room before generating in it", code=ErrorCode.FORBIDDEN)
         stream_id = message.id or new_stream_id()
-        if stream_id in self.generations:
+        if stream_id in self.follows or (self.user, stream_id) in hub.generations:
             raise GatewayError("a generation with this id is already running", code=ErrorCode.DUPLICATE_ID)
-        if self.hub.draining or self._closing.is_set():
+        if hub.draining or self._closing.is_set():
             raise GatewayError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
-        if len(self.generations) >= settings.max_streams_per_connection:
-            raise GatewayError(
-                f"at most {settings.max_streams_per_connection} generations per connection",
-                code=ErrorCode.TOO_MANY_STREAMS,
-            )
-        now = anyio.current_time()
-        self.hub.limits.acquire_generation(self.user, now)
+        if message.room is None and len(self.follows) >= settings.max_streams_per_connection:
+            raise GatewayError(f"at most {settings.max_streams_per_connection} generations per connection",
+                               code=ErrorCode.TOO_MANY_STREAMS)
+        accepted_at = anyio.current_time()
+        lease = await hub.limits.acquire_generation(self.user)
+        meta = StreamMeta(user=self.user, id=stream_id, epoch=new_epoch(), node=hub.node_id,
+                          created_at=time.time(), room=message.room)
+        try:
+            created = await hub.store.create(meta)
+        except Exception:
+            await lease.release()
+            raise GatewayError("the stream store is unavailable; try again", code=ErrorCode.INTERNAL) from None
+        if not created:
+            await lease.release()
+            raise GatewayError("this id was used recently; pick another or resume it", code=ErrorCode.DUPLICATE_ID)
         stop = message.stop
         request = GenerationRequest(
             id=stream_id,
@@ -421,78 +485,140 @@ class Connection:
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             model=message.model,
         )
-        generation = Generation(request=request, ref=StreamRef.of(stream_id), accepted_at=now)
-        self.generations[stream_id] = generation
-        self.hub.generation_started()
-        assert self._task_group is not None
-        self._task_group.start_soon(self._run_generation, generation, name=f"generation {stream_id}")
+        generation = Generation(hub, meta, request, lease, accepted_at)
+        if message.room is None:
+            # The start frame is queued before the generation can produce a token.
+            await self._put(Frame(generation.ref, generation.start_frame()))
+            self.follows[stream_id] = generation.follow(self)
+        self._log(logging.DEBUG, "generation started", stream=stream_id)
+        hub.start_generation(generation)
 
-    async def _run_generation(self, generation: Generation) -> None:
+    async def _cancel(self, stream_id: str) -> None:
         hub = self.hub
-        request = generation.request
+        follow = self.follows.get(stream_id)
+        if isinstance(follow, Follow):
+            follow.generation.cancel(None, "cancelled")
+            return
+        generation = hub.generations.get((self.user, stream_id))
+        if generation is not None:
+            generation.cancel(None, "cancelled")
+            if follow is None:
+                self._spawn(self._send_terminal_when_finished, generation)
+            return
+        meta = await hub.store.get(self.user, stream_id)
+        if meta is None:
+            raise GatewayError("no generation with this id", code=ErrorCode.NOT_FOUND)
+        await self._publish({"op": "cancel", "user": self.user, "id": stream_id})
+        if follow is None:
+            # Not following it here: answer with its terminal frame when it comes.
+            self._spawn(self._follow_store, meta, 1 << 62, False)
+
+    async def _send_terminal_when_finished(self, generation: Generation) -> None:
+        await generation.finished.wait()
+        if generation.terminal is not None:
+            await self._put(Frame(None, generation.terminal))
+
+    async def _resume(self, stream_id: str, after: int) -> None:
+        hub = self.hub
+        if stream_id in self.follows:
+            raise GatewayError("this connection already follows that generation", code=ErrorCode.DUPLICATE_ID)
+        generation = hub.generations.get((self.user, stream_id))
+        if generation is not None and generation.terminal is None:
+            follow, replay, first = generation.attach_for_resume(self, after)
+            self.follows[stream_id] = follow
+            self._spawn(self._replay_local, follow, replay, first)
+            return
+        meta = await hub.store.get(self.user, stream_id)
+        if meta is None:
+            raise GatewayError("no generation with this id", code=ErrorCode.NOT_FOUND)
+        remote = RemoteFollow(meta)
+        self.follows[stream_id] = remote
+        self._spawn(self._follow_store, meta, after, True, remote)
+
+    async def _replay_local(self, follow: Follow, replay: list[str], first: int) -> None:
+        generation = follow.generation
         ref = generation.ref
-        terminal: str | None = None
-        outcome = "error"
-        count = 0
-        self._log(logging.DEBUG, "generation started", stream=request.id)
+        await self._put(Frame(ref, generation.start_frame(resumed=True)))
+        for offset, text in enumerate(replay):
+            await self._put(Token(ref, first + offset, text))
+        # Hand over to live delivery: drain what arrived meanwhile, then switch with no
+        # await between the last emptiness check and ``live = True``.
+        while follow.backlog:
+            waiting, follow.backlog = follow.backlog, []
+            for item in waiting:
+                await self._put(item)
+        follow.live = True
+        if follow.ended.is_set():
+            self.follow_ended(follow)
+
+    async def _follow_store(self, meta: StreamMeta, after: int, announce: bool,
+                            remote: RemoteFollow | None = None) -> None:
+        """Relay a stored generation: replay after ``after``, the live tail, the terminal.
+        With ``announce`` False only the terminal frame is relayed (a cancel's answer)."""
+        ref = StreamRef.of(meta.id)
+        scope = remote.scope if remote is not None else anyio.CancelScope()
         try:
-            with generation.scope:
-                await self._put(Frame(ref, encode_start(request.id)))
-                finish: FinishChunk | None = None
-                put = self._put
-                iterator = hub.backend.stream(request)
-                try:
-                    async for chunk in iterator:
-                        if type(chunk) is TokenChunk:
-                            if not chunk.text:
-                                continue
-                            if count == 0:
-                                hub.metrics.ttft.observe(anyio.current_time() - generation.accepted_at)
-                            await put(Token(ref, count, chunk.text))
-                            count += 1
-                            if count >= request.max_tokens:
-                                finish = FinishChunk("length")
-                                break
-                        elif isinstance(chunk, FinishChunk):
-                            finish = chunk
+            with scope:
+                async with anyio.create_task_group() as tg:
+                    if announce:
+                        tg.start_soon(self._announce_follow, meta)
+                        await self._put(Frame(ref, encode_start(meta.id, meta.epoch, resumed=True, room=meta.room)))
+                    async for event in self.hub.store.follow(meta, after):
+                        if isinstance(event, TokenBatch):
+                            for offset, text in enumerate(event.texts):
+                                await self._put(Token(ref, event.first_seq + offset, text))
+                        else:
+                            await self._put(Frame(ref, event.frame))
                             break
-                finally:
-                    aclose = getattr(iterator, "aclose", None)
-                    if aclose is not None:
-                        with anyio.move_on_after(ACLOSE_TIMEOUT_S, shield=True):
-                            await aclose()
-                finish = finish or FinishChunk("stop")
-                prompt_tokens = finish.prompt_tokens if finish.prompt_tokens is not None else 0
-                terminal = encode_done(request.id, finish.finish_reason, prompt_tokens, count)
-                outcome = finish.finish_reason
-            if generation.scope.cancelled_caught:
-                terminal = generation.cancel_frame
-                if terminal is None and generation.cancel_outcome == "cancelled":
-                    terminal = encode_done(request.id, "cancelled", 0, count)
-                outcome = generation.cancel_outcome
-        except GatewayError as exc:
-            terminal = encode_gateway_error(request.id, exc)
-            outcome = str(exc.code)
-            hub.metrics.errors.labels(str(exc.code)).inc()
-            self._log(logging.INFO, "generation failed: %s", exc.code, stream=request.id)
-        except Exception:
-            logger.exception("conn=%s user=%s stream=%s backend raised", self.session_id, self.user, request.id)
-            terminal = encode_error(request.id, ErrorCode.INTERNAL, "internal error")
-            outcome = "internal"
-            hub.metrics.errors.labels("internal").inc()
+                    tg.cancel_scope.cancel()
         finally:
-            del self.generations[request.id]
-            hub.limits.release_generation(self.user)
-            hub.generation_ended()
-            hub.metrics.generations_total.labels(outcome if outcome in _OUTCOMES else "other").inc()
-            # After an abrupt close nobody would write the terminal frame: skip it.
-            if terminal is not None and (self._graceful or not self._closing.is_set()):
-                timeout = min(self.settings.slow_consumer_timeout_s, GRACEFUL_FLUSH_TIMEOUT_S)
-                with anyio.move_on_after(timeout, shield=True):
-                    with contextlib.suppress(ClosedResourceError, anyio.BrokenResourceError):
-                        await self._put(Frame(ref, terminal))
-            generation.finished.set()
-            self._log(logging.DEBUG, "generation ended: %s", outcome, stream=request.id)
+            if remote is not None and self.follows.get(meta.id) is remote:
+                del self.follows[meta.id]
 
+    async def _announce_follow(self, meta: StreamMeta) -> None:
+        """Tell the producing process, periodically, that this generation is followed."""
+        interval = max(self.settings.resume_grace_s * FOLLOW_NOTICE_FRACTION, 0.5)
+        while True:
+            with contextlib.suppress(Exception):
+                await self.hub.publish({"op": "follow", "user": meta.user, "id": meta.id})
+            await anyio.sleep(interval)
 
-_OUTCOMES = frozenset({"stop", "length", "cancelled", "error", "internal"} | {str(c) for c in ErrorCode})
+    # Rooms --------------------------------------------------------------------------------
+
+    def _room_allowed(self, room: str) -> bool:
+        claim = self.principal.claims.get(self.settings.rooms_claim)
+        if claim == "*" or (isinstance(claim, list) and "*" in claim):
+            return True
+        return isinstance(claim, list) and room in claim
+
+    async def _join(self, room: str) -> None:
+        if not self._room_allowed(room):
+            raise GatewayError("not allowed to join this room", code=ErrorCode.FORBIDDEN)
+        if room in self.rooms:
+            return
+        if len(self.rooms) >= self.settings.max_rooms_per_connection:
+            raise GatewayError(f"at most {self.settings.max_rooms_per_connection} rooms per connection",
+                               code=ErrorCode.BAD_REQUEST)
+        self.rooms.add(room)
+        self.hub.room_joined(room, self)
+        await self._put(Frame(None, encode_room_ack("joined", room)))
+        await self._publish({"op": "room", "room": room, "frames": [encode_presence(room, self.user, "join")]})
+
+    async def _leave(self, room: str) -> None:
+        if room not in self.rooms:
+            raise GatewayError("not in this room", code=ErrorCode.NOT_FOUND)
+        self.rooms.discard(room)
+        self.hub.room_left(room, self)
+        await self._put(Frame(None, encode_room_ack("left", room)))
+        await self._publish({"op": "room", "room": room, "frames": [encode_presence(room, self.user, "leave")]})
+
+    async def _publish(self, message: dict[str, Any]) -> None:
+        try:
+            await self.hub.publish(message)
+        except Exception:
+            raise GatewayError("the cluster is unreachable right now; try again",
+                               code=ErrorCode.INTERNAL) from None
+
+    def _spawn(self, func: Any, *args: Any) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(func, *args)

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     DUPLICATE_ID = "duplicate_id"
     NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
     PROMPT_TOO_LONG = "prompt_too_long"
     TOO_MANY_STREAMS = "too_many_streams"
     RATE_LIMITED = "rate_limited"
@@ -89,3 +90,7 @@ class AuthError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis could not be reached at start; the message names the URL without its password."""

@@ -39,6 +39,8 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
+        self.redis_up = Gauge("gateway_redis_up", "1 while Redis answers (always 1 without Redis)", registry=r)
+        self.redis_up.set(1)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

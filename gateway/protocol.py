@@ -48,6 +48,7 @@ class GenerateMessage(_Inbound):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     model: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    room: RoomName | None = None
 
     def prompt_chars(self) -> int:
         if self.prompt is not None:
@@ -60,6 +61,25 @@ class CancelMessage(_Inbound):
     id: StreamId
 
 
+class ResumeMessage(_Inbound):
+    type: Literal["resume"]
+    id: StreamId
+    after: Annotated[int, Field(ge=-1)] = -1
+
+
+RoomName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class JoinMessage(_Inbound):
+    type: Literal["join"]
+    room: RoomName
+
+
+class LeaveMessage(_Inbound):
+    type: Literal["leave"]
+    room: RoomName
+
+
 class PingMessage(_Inbound):
     type: Literal["ping"]
 
@@ -68,12 +88,24 @@ class PongMessage(_Inbound):
     type: Literal["pong"]
 
 
-ClientMessage = AuthMessage | GenerateMessage | CancelMessage | PingMessage | PongMessage
+ClientMessage = (
+    AuthMessage
+    | GenerateMessage
+    | CancelMessage
+    | ResumeMessage
+    | JoinMessage
+    | LeaveMessage
+    | PingMessage
+    | PongMessage
+)
 
 _MODELS: dict[str, type[_Inbound]] = {
     "auth": AuthMessage,
     "generate": GenerateMessage,
     "cancel": CancelMessage,
+    "resume": ResumeMessage,
+    "join": JoinMessage,
+    "leave": LeaveMessage,
     "ping": PingMessage,
     "pong": PongMessage,
 }
@@ -142,7 +174,8 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def encode_hello(*, session: str, user: str, heartbeat_s: float, limits: dict[str, Any]) -> str:
+def encode_hello(*, session: str, user: str, heartbeat_s: float, limits: dict[str, Any],
+                 resumable: list[dict[str, str]] | None = None) -> str:
     heartbeat: float | int = int(heartbeat_s) if float(heartbeat_s).is_integer() else heartbeat_s
     return _dumps(
         {
@@ -152,12 +185,34 @@ def encode_hello(*, session: str, user: str, heartbeat_s: float, limits: dict[st
             "protocol": PROTOCOL,
             "heartbeat_s": heartbeat,
             "limits": limits,
+            "resumable": resumable or [],
         }
     )
 
 
-def encode_start(stream_id: str) -> str:
-    return _dumps({"type": "start", "id": stream_id})
+def encode_start(stream_id: str, epoch: str | None = None, *, resumed: bool = False,
+                 room: str | None = None) -> str:
+    frame: dict[str, Any] = {"type": "start", "id": stream_id}
+    if epoch is not None:
+        frame["epoch"] = epoch
+    if resumed:
+        frame["resumed"] = True
+    if room is not None:
+        frame["room"] = room
+    return _dumps(frame)
+
+
+def encode_presence(room: str, user: str, event: str) -> str:
+    return _dumps({"type": "presence", "room": room, "user": user, "event": event})
+
+
+def encode_broadcast(data: Any) -> str:
+    return _dumps({"type": "broadcast", "data": data})
+
+
+def encode_room_ack(kind: str, room: str) -> str:
+    """``joined`` or ``left``."""
+    return _dumps({"type": kind, "room": room})
 
 
 def encode_done(stream_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> str:
@@ -276,16 +331,22 @@ __all__ = [
     "Frame",
     "FrameError",
     "GenerateMessage",
+    "JoinMessage",
+    "LeaveMessage",
     "OutItem",
     "PingMessage",
     "PongMessage",
+    "ResumeMessage",
     "StreamRef",
     "Token",
     "coalesce",
+    "encode_broadcast",
     "encode_done",
     "encode_error",
     "encode_gateway_error",
     "encode_hello",
+    "encode_presence",
+    "encode_room_ack",
     "encode_start",
     "encode_tokens",
     "parse_client_frame",

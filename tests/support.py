@@ -33,6 +33,8 @@ def make_settings(**overrides: Any) -> Settings:
         "synthetic_ttft_ms": 0,
         "ws_ping_interval_s": 0,
         "log_level": "warning",
+        # Most tests check that a disconnect cancels at once; resume tests set a grace.
+        "resume_grace_s": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -28,7 +28,7 @@ from tests.support import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-BASE_ENV = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_WS_PING_INTERVAL_S": "0"}
+BASE_ENV = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_WS_PING_INTERVAL_S": "0", "GATEWAY_RESUME_GRACE_S": "0"}
 
 
 async def metrics(server: ServerProcess) -> str:

@@ -46,7 +46,8 @@ async def test_echo_streams_the_prompt_back_frame_by_frame() -> None:
             assert hello["limits"]["max_message_bytes"] == 65536
             await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": prompt}))
             frames = await recv_until(ws, terminal_for("r1"))
-    assert frames[0] == {"type": "start", "id": "r1"}
+    assert frames[0]["type"] == "start" and frames[0]["id"] == "r1"
+    assert frames[0]["epoch"].startswith("e-")
     tokens = [f for f in frames if f["type"] == "token"]
     assert len(tokens) > 1
     assert stream_text(frames, "r1") == prompt
@@ -160,12 +161,13 @@ async def test_duplicate_id_and_unknown_cancel() -> None:
             await ws.send(json.dumps({"type": "cancel", "id": "nope"}))
             error = (await recv_until(ws, lambda f: f["type"] == "error"))[-1]
             assert error == {"type": "error", "id": "nope", "code": "not_found",
-                             "message": "no running generation with this id"}
+                             "message": "no generation with this id"}
             await ws.send(json.dumps({"type": "cancel", "id": "dup"}))
             await recv_until(ws, terminal_for("dup"))
-            # Once finished, the id can be used again.
+            # Finished but still resumable: the id stays taken for the resume TTL.
             await ws.send(json.dumps({"type": "generate", "id": "dup", "prompt": "z", "max_tokens": 1}))
-            assert (await recv_until(ws, terminal_for("dup")))[-1]["type"] == "done"
+            error = (await recv_until(ws, lambda f: f["type"] == "error"))[-1]
+            assert error["id"] == "dup" and error["code"] == "duplicate_id"
 
 
 async def test_limits_per_connection_and_per_user() -> None:

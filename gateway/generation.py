@@ -1,0 +1,312 @@
+"""A generation runs in the hub, not in a connection: a dropped socket does not end it.
+
+Who owns what:
+- The hub's task group owns every ``Generation.run``. A generation ends when its backend
+  finishes, when it is cancelled (a ``cancel``, nobody resumed it within the grace
+  period, the drain timeout, the token expiry of the connection following it), or when
+  the backend fails. Exactly one terminal frame is produced, and it is stored.
+- Connections *follow* a generation. A local follower gets every token pushed into its
+  send queue by the producer, which waits when the queue is full: a slow reader pauses
+  the backend (backpressure). A generation with no followers runs at the backend's pace.
+- Tokens are also batched into the stream store by one flusher task per generation, one
+  write per batch, so a client can resume on any process. Room generations publish the
+  same batches to the room.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+from anyio import BrokenResourceError, ClosedResourceError
+
+from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
+from gateway.errors import ErrorCode, GatewayError
+from gateway.limits.base import Lease
+from gateway.protocol import (
+    Frame,
+    OutItem,
+    StreamRef,
+    Token,
+    encode_done,
+    encode_error,
+    encode_gateway_error,
+    encode_start,
+    encode_tokens,
+)
+from gateway.store.base import StreamMeta, Terminal, TokenBatch
+
+if TYPE_CHECKING:
+    from gateway.hub import Hub
+
+logger = logging.getLogger("gateway.generation")
+
+# How long a backend iterator gets to run its cleanup after the gateway stops it.
+ACLOSE_TIMEOUT_S = 2.0
+# How long the flusher keeps retrying the store after the generation ended.
+FLUSH_GIVE_UP_S = 30.0
+
+
+class Sink(Protocol):
+    """Where a follower's frames go: a connection's send queue."""
+
+    async def put(self, item: OutItem) -> None: ...
+
+    def follow_ended(self, follow: Follow) -> None: ...
+
+
+@dataclass(eq=False)
+class Follow:
+    """One connection following one local generation.
+
+    While ``live`` is False the follower is still replaying earlier tokens, and new items
+    wait in ``backlog``; the follower switches to live once the backlog is empty, with no
+    await in between, so nothing is lost or reordered at the hand-over.
+    """
+
+    sink: Sink
+    generation: Generation
+    live: bool = True
+    backlog: list[OutItem] = field(default_factory=list)
+    ended: anyio.Event = field(default_factory=anyio.Event)
+
+    async def deliver(self, item: OutItem) -> bool:
+        """False when the follower is gone (its queue closed)."""
+        if not self.live:
+            self.backlog.append(item)
+            return True
+        try:
+            await self.sink.put(item)
+            return True
+        except (ClosedResourceError, BrokenResourceError):
+            return False
+
+
+class Generation:
+    def __init__(self, hub: Hub, meta: StreamMeta, request: GenerationRequest, lease: Lease,
+                 accepted_at: float) -> None:
+        self.hub = hub
+        self.meta = meta
+        self.request = request
+        self.lease = lease
+        self.accepted_at = accepted_at
+        self.ref = StreamRef.of(meta.id)
+        self.tokens: list[str] = []
+        self.follows: list[Follow] = []
+        self.scope = anyio.CancelScope()
+        self.finished = anyio.Event()
+        self.terminal: str | None = None
+        self.cancel_frame: str | None = None
+        self.cancel_outcome = "cancelled"
+        self.last_remote_follow = -float("inf")
+        self.detached_at: float | None = None
+        self._pending: list[str] = []
+        self._pending_first = 0
+        self._wake_flusher = anyio.Event()
+        self._producing = True
+        self._ended = False
+
+    @property
+    def id(self) -> str:
+        return self.meta.id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.meta.user, self.meta.id)
+
+    def start_frame(self, *, resumed: bool = False) -> str:
+        return encode_start(self.meta.id, self.meta.epoch, resumed=resumed, room=self.meta.room)
+
+    # Followers -------------------------------------------------------------------------
+
+    def follow(self, sink: Sink) -> Follow:
+        follow = Follow(sink, self)
+        self.follows.append(follow)
+        self.detached_at = None
+        return follow
+
+    def attach_for_resume(self, sink: Sink, after: int) -> tuple[Follow, list[str], int]:
+        """A follower that first replays ``tokens[after+1:]``; see ``Follow``."""
+        first = max(after + 1, 0)
+        follow = Follow(sink, self, live=False)
+        self.follows.append(follow)
+        self.detached_at = None
+        return follow, self.tokens[first:], first
+
+    def detach(self, follow: Follow) -> None:
+        """The follower's connection went away (not a cancel)."""
+        if follow in self.follows:
+            self.follows.remove(follow)
+            if not self.follows and not self.finished.is_set():
+                self.detached_at = anyio.current_time()
+                self.hub.generation_detached(self)
+
+    def cancel(self, frame: str | None = None, outcome: str = "cancelled") -> None:
+        """Stop the generation; ``frame`` (default: done/cancelled) becomes its terminal frame."""
+        if self.scope.cancel_called or self.finished.is_set():
+            return
+        self.cancel_frame = frame
+        self.cancel_outcome = outcome
+        self.scope.cancel()
+
+    # Running ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        outcome = "error"
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._flusher)
+                try:
+                    if self.meta.room is not None:
+                        await self._publish_room([self.start_frame()])
+                    terminal, outcome = await self._produce()
+                    # Set before the flusher can run again: it stores the terminal last.
+                    self.terminal = terminal
+                finally:
+                    self._producing = False
+                    self._wake_flusher.set()
+                await self._deliver_terminal(terminal)
+                await self._end(outcome)
+                # Leaving the task group waits for the flusher to store the rest.
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._end(outcome)
+            self.finished.set()
+
+    async def _end(self, outcome: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.hub.generation_ended(self, outcome)
+        await self.lease.release()
+
+    async def _produce(self) -> tuple[str, str]:
+        hub = self.hub
+        request = self.request
+        ref = self.ref
+        count = 0
+        terminal: str
+        outcome: str
+        try:
+            with self.scope:
+                finish: FinishChunk | None = None
+                follows = self.follows
+                iterator = hub.backend.stream(request)
+                try:
+                    async for chunk in iterator:
+                        if type(chunk) is TokenChunk:
+                            text = chunk.text
+                            if not text:
+                                continue
+                            if count == 0:
+                                hub.metrics.ttft.observe(anyio.current_time() - self.accepted_at)
+                            self.tokens.append(text)
+                            if not self._pending:
+                                self._pending_first = count
+                                self._wake_flusher.set()
+                            self._pending.append(text)
+                            if follows:
+                                item = Token(ref, count, text)
+                                if len(follows) == 1:
+                                    if not await follows[0].deliver(item):
+                                        self.detach(follows[0])
+                                else:
+                                    for follow in tuple(follows):
+                                        if not await follow.deliver(item):
+                                            self.detach(follow)
+                            count += 1
+                            if count >= request.max_tokens:
+                                finish = FinishChunk("length")
+                                break
+                        elif isinstance(chunk, FinishChunk):
+                            finish = chunk
+                            break
+                finally:
+                    aclose: Callable[[], Awaitable[object]] | None = getattr(iterator, "aclose", None)
+                    if aclose is not None:
+                        with anyio.move_on_after(ACLOSE_TIMEOUT_S, shield=True):
+                            await aclose()
+                finish = finish or FinishChunk("stop")
+                prompt_tokens = finish.prompt_tokens if finish.prompt_tokens is not None else 0
+                terminal = encode_done(request.id, finish.finish_reason, prompt_tokens, count)
+                outcome = finish.finish_reason
+            if self.scope.cancelled_caught:
+                terminal = self.cancel_frame or encode_done(request.id, "cancelled", 0, count)
+                outcome = self.cancel_outcome
+        except GatewayError as exc:
+            terminal = encode_gateway_error(request.id, exc)
+            outcome = str(exc.code)
+            hub.metrics.errors.labels(str(exc.code)).inc()
+            logger.info("user=%s stream=%s generation failed: %s", self.meta.user, request.id, exc.code)
+        except Exception:
+            logger.exception("user=%s stream=%s backend raised", self.meta.user, request.id)
+            terminal = encode_error(request.id, ErrorCode.INTERNAL, "internal error")
+            outcome = "internal"
+            hub.metrics.errors.labels("internal").inc()
+        return terminal, outcome
+
+    async def _deliver_terminal(self, terminal: str) -> None:
+        item = Frame(self.ref, terminal)
+        for follow in tuple(self.follows):
+            with anyio.move_on_after(self.hub.settings.slow_consumer_timeout_s, shield=True):
+                await follow.deliver(item)
+            follow.sink.follow_ended(follow)
+            follow.ended.set()
+        self.follows.clear()
+
+    async def _flusher(self) -> None:
+        """Write pending tokens to the store (and the room) one batch at a time; the next
+        batch is whatever accumulated while the previous write was in flight."""
+        store = self.hub.store
+        meta = self.meta
+        gave_up_at: float | None = None
+        while True:
+            if not self._pending:
+                if not self._producing:
+                    break
+                await self._wake_flusher.wait()
+                self._wake_flusher = anyio.Event()
+                continue
+            batch = TokenBatch(self._pending_first, tuple(self._pending))
+            try:
+                with anyio.CancelScope(shield=not self._producing):
+                    await store.write(meta, batch)
+            except Exception:
+                if self._producing or gave_up_at is None:
+                    gave_up_at = gave_up_at or anyio.current_time()
+                if not self._producing and anyio.current_time() - gave_up_at > FLUSH_GIVE_UP_S:
+                    logger.error("stream=%s could not store %d token(s); giving up", meta.id, len(batch.texts))
+                    return
+                await anyio.sleep(0.2)
+                continue
+            gave_up_at = None
+            del self._pending[: len(batch.texts)]
+            self._pending_first += len(batch.texts)
+            if meta.room is not None:
+                await self._publish_room(
+                    [encode_tokens(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
+        await self._store_terminal()
+
+    async def _store_terminal(self) -> None:
+        terminal = self.terminal
+        if terminal is None:  # the hub itself was cancelled: nothing to store
+            return
+        with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
+            while True:
+                try:
+                    await self.hub.store.finish(self.meta, Terminal(terminal))
+                    break
+                except Exception:
+                    await anyio.sleep(0.2)
+            if self.meta.room is not None:
+                await self._publish_room([terminal])
+
+    async def _publish_room(self, frames: list[str]) -> None:
+        assert self.meta.room is not None
+        try:
+            await self.hub.backplane.publish({"op": "room", "room": self.meta.room, "frames": frames})
+        except Exception:
+            logger.warning("room=%s stream=%s could not publish frames", self.meta.room, self.meta.id)

@@ -1,0 +1,121 @@
+"""What the Redis implementations share: one client, key naming, this process's node id
+and liveness key, and supervision of background loops.
+
+Imported only when ``GATEWAY_REDIS_URL`` is set, so redis-py stays an optional dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from config import Settings
+from gateway.errors import RedisUnavailable
+
+logger = logging.getLogger("gateway.redis")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class RedisContext:
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.prefix = settings.redis_prefix
+        self.node_id = "n-" + secrets.token_hex(6)
+        self.node_ttl_s = settings.node_ttl_s
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=15,
+            health_check_interval=5, retry_on_timeout=False,
+        )
+        self.up = False
+        self.on_state_change: Callable[[bool], None] = lambda up: None
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def node_key(self) -> str:
+        return self.key("node", self.node_id)
+
+    async def start(self) -> None:
+        try:
+            with anyio.fail_after(5):
+                await self.client.ping()
+                await self.client.set(self.node_key, "1", ex=int(self.node_ttl_s))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RedisUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {type(exc).__name__}") from None
+        self._set_up(True)
+
+    async def aclose(self) -> None:
+        try:
+            with anyio.move_on_after(2):
+                await self.client.delete(self.node_key)
+        except (RedisError, OSError):
+            pass
+        await self.client.aclose()
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            if up:
+                logger.info("Redis at %s is reachable", redact_url(self.url))
+            else:
+                logger.warning("Redis at %s is unreachable; cross-process features wait for it",
+                               redact_url(self.url))
+            self.on_state_change(up)
+
+    def report(self, ok: bool) -> None:
+        """Any Redis call's outcome; tracks the degraded state."""
+        self._set_up(ok)
+
+    async def node_alive(self, node: str) -> bool:
+        return bool(await self.client.exists(self.key("node", node)))
+
+    async def heartbeat(self) -> None:
+        """Keep this node's liveness key alive; other nodes read it to tell a dead producer."""
+        interval = max(self.node_ttl_s / 3, 0.2)
+        while True:
+            try:
+                await self.client.set(self.node_key, "1", ex=max(int(self.node_ttl_s), 1))
+                self.report(True)
+            except (RedisError, OSError):
+                self.report(False)
+            await anyio.sleep(interval)
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[None]], on_failure: Callable[[], None] = lambda: None,
+                    max_backoff_s: float = 5.0) -> None:
+    """Run ``loop`` forever: when it fails it is logged and restarted with jittered backoff,
+    so no background listener dies silently."""
+    backoff = 0.1
+    while True:
+        try:
+            await loop()
+            backoff = 0.1
+        except (RedisError, OSError, TimeoutError) as exc:
+            on_failure()
+            logger.warning("%s: %s; restarting in %.1fs", name, type(exc).__name__, backoff)
+        except Exception:
+            on_failure()
+            logger.exception("%s failed; restarting in %.1fs", name, backoff)
+        await anyio.sleep(backoff * (0.5 + random.random()))
+        backoff = min(backoff * 2, max_backoff_s)

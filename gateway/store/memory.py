@@ -1,0 +1,104 @@
+"""In-process stream store: a bounded record per generation, for a single process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+
+from config import Settings
+from gateway.store.base import StreamEvent, StreamMeta, Terminal, TokenBatch
+
+
+@dataclass(eq=False)
+class _Record:
+    meta: StreamMeta
+    tokens: list[str] = field(default_factory=list)
+    terminal: str | None = None
+    expires_at: float = float("inf")  # monotonic; set when the stream finishes
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+
+class MemoryStreamStore:
+    name = "memory"
+
+    def __init__(self, settings: Settings) -> None:
+        self.ttl_s = settings.resume_ttl_s
+        # A stream holds at most max_tokens tokens: the gateway stops a generation there.
+        self.max_tokens = settings.max_tokens
+        self._records: dict[tuple[str, str], _Record] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._records.clear()
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        expired = [key for key, rec in self._records.items() if rec.expires_at <= now]
+        for key in expired:
+            del self._records[key]
+
+    def _live(self, user: str, stream_id: str) -> _Record | None:
+        record = self._records.get((user, stream_id))
+        if record is None or record.expires_at <= time.monotonic():
+            return None
+        return record
+
+    async def create(self, meta: StreamMeta) -> bool:
+        self._purge()
+        key = (meta.user, meta.id)
+        if key in self._records:
+            return False
+        self._records[key] = _Record(meta)
+        return True
+
+    async def get(self, user: str, stream_id: str) -> StreamMeta | None:
+        record = self._live(user, stream_id)
+        return record.meta if record is not None else None
+
+    def _notify(self, record: _Record) -> None:
+        record.changed.set()
+        record.changed = anyio.Event()
+
+    async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
+        record = self._records.get((meta.user, meta.id))
+        if record is None or record.terminal is not None:
+            return
+        if batch.first_seq != len(record.tokens):
+            raise ValueError(f"batch starts at {batch.first_seq}, stream has {len(record.tokens)} tokens")
+        record.tokens.extend(batch.texts[: max(0, self.max_tokens - len(record.tokens))])
+        self._notify(record)
+
+    async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
+        record = self._records.get((meta.user, meta.id))
+        if record is None or record.terminal is not None:
+            return
+        record.terminal = terminal.frame
+        record.expires_at = time.monotonic() + self.ttl_s
+        self._notify(record)
+
+    async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
+        record = self._records.get((meta.user, meta.id))
+        if record is None:
+            return
+        position = max(after + 1, 0)
+        while True:
+            changed = record.changed
+            if position < len(record.tokens):
+                texts = tuple(record.tokens[position:])
+                yield TokenBatch(position, texts)
+                position += len(texts)
+                continue
+            if record.terminal is not None:
+                yield Terminal(record.terminal)
+                return
+            await changed.wait()
+
+    async def resumable(self, user: str) -> list[StreamMeta]:
+        self._purge()
+        metas = [rec.meta for (owner, _), rec in self._records.items() if owner == user]
+        return sorted(metas, key=lambda m: m.created_at)
