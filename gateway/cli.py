@@ -26,7 +26,7 @@ def _settings(**overrides: object) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
-    settings = _settings(host=args.host, port=args.port)
+    settings = _settings(host=args.host, port=args.port, workers=args.workers)
     try:
         serve(settings)
     except RuntimeError as exc:  # configuration refused at start, e.g. production without a key
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* and .env)")
     serve.add_argument("--host", help="bind address (default: GATEWAY_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: GATEWAY_PORT, 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: GATEWAY_WORKERS, 1; >1 needs Redis)")
     serve.set_defaults(handler=_serve)
     token = commands.add_parser("token", help="mint a development JWT from GATEWAY_JWT_SECRET")
     token.add_argument("--sub", required=True, help="user id (the 'sub' claim)")

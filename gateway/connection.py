@@ -263,8 +263,7 @@ class Connection:
             self.hub.room_left(room, self)
             with anyio.move_on_after(1.0):
                 with contextlib.suppress(Exception):
-                    await self.hub.publish(
-                        {"op": "room", "room": room, "frames": [encode_presence(room, self.user, "leave")]})
+                    await self._publish_presence(room, "leave")
 
     # Send queue -----------------------------------------------------------------------------
 
@@ -602,7 +601,7 @@ class Connection:
         self.rooms.add(room)
         self.hub.room_joined(room, self)
         await self._put(Frame(None, encode_room_ack("joined", room)))
-        await self._publish({"op": "room", "room": room, "frames": [encode_presence(room, self.user, "join")]})
+        await self._publish_presence(room, "join")
 
     async def _leave(self, room: str) -> None:
         if room not in self.rooms:
@@ -610,7 +609,11 @@ class Connection:
         self.rooms.discard(room)
         self.hub.room_left(room, self)
         await self._put(Frame(None, encode_room_ack("left", room)))
-        await self._publish({"op": "room", "room": room, "frames": [encode_presence(room, self.user, "leave")]})
+        await self._publish_presence(room, "leave")
+
+    async def _publish_presence(self, room: str, event: str) -> None:
+        await self._publish({"op": "room", "room": room, "origin": self.session_id,
+                             "frames": [encode_presence(room, self.user, event)]})
 
     async def _publish(self, message: dict[str, Any]) -> None:
         try:

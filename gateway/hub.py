@@ -172,8 +172,11 @@ class Hub:
             room = message.get("room")
             frames = message.get("frames")
             if isinstance(room, str) and isinstance(frames, list):
+                # A member is not told about its own join or leave.
+                origin = message.get("origin")
                 for connection in list(self.rooms.get(room, ())):
-                    connection.push_room(frames)
+                    if connection.session_id != origin:
+                        connection.push_room(frames)
 
     async def publish(self, message: ControlMessage) -> None:
         await self.backplane.publish(message)

@@ -42,6 +42,7 @@ class RedisContext:
         self.prefix = settings.redis_prefix
         self.node_id = "n-" + secrets.token_hex(6)
         self.node_ttl_s = settings.node_ttl_s
+        self.node_ttl_ms = max(int(settings.node_ttl_s * 1000), 100)
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url, decode_responses=True, socket_connect_timeout=2, socket_timeout=15,
             health_check_interval=5, retry_on_timeout=False,
@@ -60,7 +61,7 @@ class RedisContext:
         try:
             with anyio.fail_after(5):
                 await self.client.ping()
-                await self.client.set(self.node_key, "1", ex=int(self.node_ttl_s))
+                await self.client.set(self.node_key, "1", px=self.node_ttl_ms)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {type(exc).__name__}") from None
         self._set_up(True)
@@ -95,7 +96,7 @@ class RedisContext:
         interval = max(self.node_ttl_s / 3, 0.2)
         while True:
             try:
-                await self.client.set(self.node_key, "1", ex=max(int(self.node_ttl_s), 1))
+                await self.client.set(self.node_key, "1", px=self.node_ttl_ms)
                 self.report(True)
             except (RedisError, OSError):
                 self.report(False)

@@ -57,13 +57,22 @@ class TransportControl:
         self._protocol.force_close(code, reason)
 
 
+class GatewayConfig(uvicorn.Config):
+    """uvicorn's config plus the gateway's socket options (it is pickled to workers)."""
+
+    def __init__(self, app: Any, *, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.gateway_send_buffer_bytes = settings.socket_send_buffer_bytes
+        self.gateway_tcp_user_timeout_ms = int(settings.tcp_user_timeout_s * 1000)
+
+
 class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
-    send_buffer_bytes: int = 0
-    tcp_user_timeout_ms: int = 0
     write_high_water: int = 64 * 1024
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.send_buffer_bytes: int = getattr(config, "gateway_send_buffer_bytes", 0)
+        self.tcp_user_timeout_ms: int = getattr(config, "gateway_tcp_user_timeout_ms", 0)
         self.last_inbound = self.loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,28 +118,31 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.loop.call_later(ABORT_GRACE_S, transport.abort)
 
 
-def make_protocol_class(settings: Settings) -> type[GatewayWebSocketProtocol]:
-    return type(
-        "ConfiguredGatewayWebSocketProtocol",
-        (GatewayWebSocketProtocol,),
-        {
-            "send_buffer_bytes": settings.socket_send_buffer_bytes,
-            "tcp_user_timeout_ms": int(settings.tcp_user_timeout_s * 1000),
-        },
-    )
-
-
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with the gateway's drain in front of uvicorn's own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, hub: Any) -> None:
+    def __init__(self, config: uvicorn.Config, hub: Any = None) -> None:
         super().__init__(config)
         self.hub = hub
+
+    def _find_hub(self) -> Any:
+        if self.hub is not None:
+            return self.hub
+        # In a worker the app was built by the factory: find it under uvicorn's middleware.
+        app = self.config.loaded_app
+        for _ in range(10):
+            state = getattr(app, "state", None)
+            if state is not None and getattr(state, "hub", None) is not None:
+                return state.hub
+            app = getattr(app, "app", None)
+        return None
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Keep listening while draining, so /readyz can report 503 to the load balancer.
         try:
-            await self.hub.drain(force_exit=lambda: self.force_exit)
+            hub = self._find_hub()
+            if hub is not None:
+                await hub.drain(force_exit=lambda: self.force_exit)
         except Exception:
             logger.exception("drain failed; closing connections now")
         await super().shutdown(sockets)
@@ -141,11 +153,11 @@ class GatewayServer(uvicorn.Server):
 
 def uvicorn_config(
     app: Any, settings: Settings, *, host: str | None = None, port: int | None = None, **overrides: Any
-) -> uvicorn.Config:
+) -> GatewayConfig:
     options: dict[str, Any] = {
         "host": host if host is not None else settings.host,
         "port": port if port is not None else settings.port,
-        "ws": make_protocol_class(settings),
+        "ws": GatewayWebSocketProtocol,
         "ws_max_size": settings.max_message_bytes,
         "ws_ping_interval": settings.ws_ping_interval_s or None,
         "ws_ping_timeout": settings.ws_ping_timeout_s or None,
@@ -158,12 +170,64 @@ def uvicorn_config(
         "lifespan": "on",
     }
     options.update(overrides)
-    return uvicorn.Config(app, **options)
+    return GatewayConfig(app, settings=settings, **options)
+
+
+def worker_app() -> Any:
+    """The app factory each worker process calls (settings from its environment)."""
+    from gateway.app import create_app
+
+    return create_app(Settings())
+
+
+class ConfigurationError(RuntimeError):
+    pass
+
+
+def preflight(settings: Settings) -> None:
+    """Fail fast, with a clear message, on what would otherwise fail inside uvicorn's startup."""
+    if settings.redis_url:
+        import anyio
+
+        from gateway.redis_support import RedisContext
+
+        async def check() -> None:
+            context = RedisContext(settings, settings.redis_url or "")
+            try:
+                await context.start()
+            finally:
+                await context.aclose()
+
+        anyio.run(check)
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
     from gateway.app import create_app
 
+    preflight(settings)
+
+    if settings.workers > 1:
+        if not settings.redis_url:
+            raise ConfigurationError(
+                f"--workers {settings.workers} needs GATEWAY_REDIS_URL: without it each worker would keep its own "
+                "limits and streams, so per-user limits would multiply and a client could not resume on another "
+                "worker"
+            )
+        if settings.auth == "jwt" and not settings.has_jwt_key:
+            raise ConfigurationError(
+                "several workers need a shared key (GATEWAY_JWT_SECRET or a public key): a generated development "
+                "secret would differ per worker"
+            )
+        from gateway.supervisor import run_workers
+
+        config = uvicorn_config(
+            "gateway.server:worker_app", settings, host=host, port=port, factory=True, workers=settings.workers
+        )
+        sock = config.bind_socket()
+        # Listen now, so connections made while the workers start wait in the backlog.
+        sock.listen(config.backlog)
+        run_workers(config, [sock], settings.workers, settings.drain_timeout_s)
+        return
     app = create_app(settings)
     server = GatewayServer(uvicorn_config(app, settings, host=host, port=port), app.state.hub)
     server.run()

@@ -1,0 +1,193 @@
+"""One conformance suite for every implementation of the stream store and the limit store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from config import Settings
+from gateway.errors import ErrorCode, GatewayError, RateLimited
+from gateway.limits.base import LimitStore
+from gateway.store.base import StreamEvent, StreamMeta, StreamStore, Terminal, TokenBatch
+from tests.redis_support import TEST_REDIS_URL, require_redis, unique_prefix
+from tests.support import make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def settings_for(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"redis_prefix": unique_prefix(), "resume_ttl_s": 5, "node_ttl_s": 1}
+    values.update(overrides)
+    return make_settings(**values)
+
+
+async def make_parts(kind: str, settings: Settings) -> tuple[StreamStore, LimitStore, Any]:
+    if kind == "memory":
+        from gateway.limits.memory import MemoryLimitStore
+        from gateway.store.memory import MemoryStreamStore
+
+        return MemoryStreamStore(settings), MemoryLimitStore(settings), None
+    require_redis()
+    from gateway.limits.redis import RedisLimitStore
+    from gateway.redis_support import RedisContext
+    from gateway.store.redis import RedisStreamStore
+
+    context = RedisContext(settings, TEST_REDIS_URL)
+    await context.start()
+    return RedisStreamStore(settings, context), RedisLimitStore(settings, context), context
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def parts(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StreamStore, LimitStore, Any]]:
+    store, limits, context = await make_parts(request.param, settings_for(
+        max_streams_per_user=2, max_connections_per_user=2, user_generate_rate_per_s=1, user_generate_burst=3))
+    try:
+        yield store, limits, context
+    finally:
+        if context is not None:
+            await context.aclose()
+
+
+def meta_for(store_parts: Any, user: str = "u1", stream_id: str = "s1") -> StreamMeta:
+    node = store_parts[2].node_id if store_parts[2] is not None else "local"
+    return StreamMeta(user=user, id=stream_id, epoch="e-1", node=node, created_at=time.time())
+
+
+async def collect(events: AsyncIterator[StreamEvent], timeout: float = 5) -> list[StreamEvent]:
+    out = []
+    with anyio.fail_after(timeout):
+        async for event in events:
+            out.append(event)
+    return out
+
+
+def texts_of(events: list[StreamEvent]) -> tuple[int, str]:
+    batches = [e for e in events if isinstance(e, TokenBatch)]
+    first = batches[0].first_seq if batches else -1
+    return first, "".join("".join(b.texts) for b in batches)
+
+
+async def test_create_is_a_claim(parts: Any) -> None:
+    store = parts[0]
+    meta = meta_for(parts)
+    assert await store.create(meta) is True
+    assert await store.create(meta) is False
+    assert await store.get("u1", "s1") == meta
+    assert await store.get("u2", "s1") is None  # ids are scoped to their user
+    assert await store.create(meta_for(parts, user="u2")) is True
+
+
+async def test_follow_replays_after_seq_then_the_live_tail_then_the_terminal(parts: Any) -> None:
+    store = parts[0]
+    meta = meta_for(parts)
+    await store.create(meta)
+    await store.write(meta, TokenBatch(0, ("a", "b", "c")))
+    await store.write(meta, TokenBatch(3, ("d",)))
+    received: list[StreamEvent] = []
+
+    async def follower() -> None:
+        with anyio.fail_after(10):
+            async for event in store.follow(meta, 1):
+                received.append(event)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower)
+        with anyio.fail_after(5):
+            while texts_of(received)[1] != "cd":
+                await anyio.sleep(0.01)
+        await store.write(meta, TokenBatch(4, ("e", "f")))
+        await store.finish(meta, Terminal('{"type":"done"}'))
+    assert texts_of(received) == (2, "cdef")
+    assert received[-1] == Terminal('{"type":"done"}')
+    # A finished stream replays to its end, from anywhere.
+    assert texts_of(await collect(store.follow(meta, -1))) == (0, "abcdef")
+    assert texts_of(await collect(store.follow(meta, 4))) == (5, "f")
+    assert await collect(store.follow(meta, 100)) == [Terminal('{"type":"done"}')]
+
+
+async def test_resumable_lists_the_users_streams(parts: Any) -> None:
+    store = parts[0]
+    for stream_id in ("x1", "x2"):
+        await store.create(meta_for(parts, stream_id=stream_id))
+    await store.create(meta_for(parts, user="someone-else", stream_id="x3"))
+    assert [m.id for m in await store.resumable("u1")] == ["x1", "x2"]
+
+
+async def test_streams_expire_after_the_ttl_from_the_last_write() -> None:
+    for kind in ("memory", "redis"):
+        store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1))
+        try:
+            meta = meta_for((store, None, context))
+            await store.create(meta)
+            await store.finish(meta, Terminal("{}"))
+            assert await store.get("u1", "s1") is not None
+            await anyio.sleep(1.3)  # the TTL is the behaviour under test
+            assert await store.get("u1", "s1") is None, kind
+            assert await store.create(meta) is True, kind
+        finally:
+            if context is not None:
+                await context.aclose()
+
+
+async def test_connection_limit(parts: Any) -> None:
+    limits = parts[1]
+    first = await limits.add_connection("u1")
+    second = await limits.add_connection("u1")
+    assert first is not None and second is not None
+    assert await limits.add_connection("u1") is None
+    assert await limits.add_connection("u2") is not None
+    await first.release()
+    await first.release()  # releasing twice is harmless
+    assert await limits.add_connection("u1") is not None
+    assert await limits.add_connection("u1") is None
+
+
+async def test_generation_concurrency_and_rate(parts: Any) -> None:
+    limits = parts[1]
+    a = await limits.acquire_generation("u1")
+    await limits.acquire_generation("u1")
+    with pytest.raises(GatewayError) as info:
+        await limits.acquire_generation("u1")
+    assert info.value.code is ErrorCode.TOO_MANY_STREAMS
+    await a.release()
+    await limits.acquire_generation("u1")  # the third of a burst of 3
+    for _ in range(3):
+        await (await limits.acquire_generation("u2")).release()
+    with pytest.raises(RateLimited) as rate:
+        await limits.acquire_generation("u2")
+    assert 0 < float(str(rate.value.extra["retry_after_s"])) <= 1.0
+
+
+async def test_redis_slots_of_a_dead_process_come_back() -> None:
+    require_redis()
+    settings = settings_for(max_connections_per_user=1, node_ttl_s=1)
+    _, limits_a, context_a = await make_parts("redis", settings)
+    _, limits_b, context_b = await make_parts("redis", settings)
+    try:
+        assert await limits_a.add_connection("u1") is not None
+        assert await limits_b.add_connection("u1") is None  # held by process A
+        # Process A dies: its liveness key expires and nobody releases its slot.
+        await context_a.client.delete(context_a.node_key)
+        assert await limits_b.add_connection("u1") is not None
+    finally:
+        await context_a.aclose()
+        await context_b.aclose()
+
+
+async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
+    require_redis()
+    settings = settings_for(node_ttl_s=0.5)
+    store, _, context = await make_parts("redis", settings)
+    try:
+        meta = StreamMeta(user="u1", id="orphan", epoch="e", node="n-gone", created_at=time.time())
+        await store.create(meta)
+        await store.write(meta, TokenBatch(0, ("a",)))
+        events = await collect(store.follow(meta, -1), timeout=10)
+        assert texts_of(events) == (0, "a")
+        assert isinstance(events[-1], Terminal) and '"backend_error"' in events[-1].frame
+    finally:
+        await context.aclose()

@@ -1,0 +1,335 @@
+"""Several gateway processes sharing a real Redis act as one gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+
+from gateway.backends.synthetic import synthetic_tokens
+from tests.redis_support import TEST_REDIS_URL, PrivateRedis, require_redis, unique_prefix
+from tests.support import (
+    ROOT,
+    SECRET,
+    ServerProcess,
+    ServerThread,
+    make_settings,
+    metric_value,
+    mint,
+    recv_json,
+    recv_until,
+    stream_text,
+    terminal_for,
+    ws_connect,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def cluster_env(redis_url: str = TEST_REDIS_URL, **extra: str) -> dict[str, str]:
+    env = {
+        "GATEWAY_JWT_SECRET": SECRET,
+        "GATEWAY_WS_PING_INTERVAL_S": "0",
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_REDIS_PREFIX": unique_prefix(),
+        "GATEWAY_BACKEND": "synthetic",
+        "GATEWAY_SYNTHETIC_TTFT_MS": "0",
+        "GATEWAY_SYNTHETIC_TOKENS_PER_S": "200",
+        "GATEWAY_NODE_TTL_S": "1",
+        "GATEWAY_RESUME_GRACE_S": "10",
+    }
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def two_gateways(env: dict[str, str]) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    with ServerProcess(env) as a, ServerProcess(env) as b:
+        yield a, b
+
+
+async def metric(server: ServerProcess, name: str) -> float:
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        return metric_value((await http.get("/metrics")).text, name)
+
+
+async def wait_metric(server: ServerProcess, name: str, value: float, timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        while await metric(server, name) != value:
+            await anyio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _redis() -> None:
+    require_redis()
+
+
+async def test_drop_on_one_process_resume_on_another() -> None:
+    with two_gateways(cluster_env()) as (a, b):
+        async with ws_connect(a.url, mint("ann")) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "generate", "id": "x", "prompt": "story", "max_tokens": 400}))
+            first = await recv_until(ws, lambda f: f["type"] == "token" and f["seq"] >= 50)
+        after = max(f["seq"] for f in first if f["type"] == "token")
+        async with ws_connect(b.url, mint("ann")) as ws:
+            hello = await recv_json(ws)
+            assert any(r["id"] == "x" for r in hello["resumable"])
+            await ws.send(json.dumps({"type": "resume", "id": "x", "after": after}))
+            rest = await recv_until(ws, terminal_for("x"), timeout=20)
+    assert rest[0]["resumed"] is True and rest[0]["epoch"] == first[0]["epoch"]
+    assert stream_text(first, "x") + stream_text(rest, "x") == "".join(synthetic_tokens("story", 400))
+    assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "length"
+
+
+async def test_cancel_on_one_process_stops_the_generation_on_another() -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
+        async with ws_connect(a.url, mint("bo")) as on_a, ws_connect(b.url, mint("bo")) as on_b:
+            await recv_json(on_a)
+            await recv_json(on_b)
+            await on_a.send(json.dumps({"type": "generate", "id": "long", "prompt": "p", "max_tokens": 4000}))
+            await recv_until(on_a, lambda f: f["type"] == "token")
+            assert await metric(a, "gateway_active_generations") == 1
+            await on_b.send(json.dumps({"type": "cancel", "id": "long"}))
+            answer = (await recv_until(on_b, terminal_for("long")))[-1]
+            seen = (await recv_until(on_a, terminal_for("long")))[-1]
+            assert answer == seen == {**seen, "type": "done", "finish_reason": "cancelled"}
+            await wait_metric(a, "gateway_active_generations", 0)
+
+
+async def test_broadcast_and_rooms_span_processes() -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="0")) as (a, b):
+        async with ws_connect(a.url, mint("cy", rooms="*")) as on_a, \
+                ws_connect(b.url, mint("di", rooms=["team"])) as on_b, \
+                httpx.AsyncClient(base_url=b.http) as http:
+            await recv_json(on_a)
+            await recv_json(on_b)
+            admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
+            assert (await http.post("/admin/broadcast", json={"data": "hi all"}, headers=admin)).status_code == 202
+            for ws in (on_a, on_b):
+                assert (await recv_until(ws, lambda f: f["type"] == "broadcast"))[-1]["data"] == "hi all"
+            await on_a.send(json.dumps({"type": "join", "room": "team"}))
+            await recv_until(on_a, lambda f: f["type"] == "joined")
+            await on_b.send(json.dumps({"type": "join", "room": "team"}))
+            joined = (await recv_until(on_a, lambda f: f["type"] == "presence"))[-1]
+            assert joined == {"type": "presence", "room": "team", "user": "di", "event": "join"}
+            await on_a.send(json.dumps({"type": "generate", "id": "ai", "room": "team", "prompt": "t",
+                                        "max_tokens": 500}))
+            frames_a = await recv_until(on_a, terminal_for("ai"), timeout=20)
+            frames_b = await recv_until(on_b, terminal_for("ai"), timeout=20)
+    tokens_a = [f for f in frames_a if f["type"] == "token"]
+    tokens_b = [f for f in frames_b if f["type"] == "token"]
+    assert tokens_a == tokens_b  # same frames, same order
+    assert stream_text(frames_a, "ai") == "".join(synthetic_tokens("t", 500))
+
+
+async def test_per_user_limits_hold_across_processes() -> None:
+    env = cluster_env(GATEWAY_MAX_CONNECTIONS_PER_USER="1", GATEWAY_USER_GENERATE_RATE_PER_S="0.1",
+                      GATEWAY_USER_GENERATE_BURST="2")
+    with two_gateways(env) as (a, b):
+        async with ws_connect(a.url, mint("ed")) as on_a:
+            await recv_json(on_a)
+            async with ws_connect(b.url, mint("ed")) as on_b:
+                with pytest.raises(ConnectionClosed) as info:
+                    await recv_json(on_b)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+            async with ws_connect(b.url, mint("fi")) as other:
+                await recv_json(other)
+                for i in range(2):
+                    await on_a.send(json.dumps({"type": "generate", "id": f"a{i}", "prompt": "x", "max_tokens": 1}))
+                    await recv_until(on_a, terminal_for(f"a{i}"))
+                await other.send(json.dumps({"type": "generate", "id": "f", "prompt": "x", "max_tokens": 1}))
+                assert (await recv_until(other, terminal_for("f")))[-1]["type"] == "done"
+        # ed's burst was spent on A; B refuses him too.
+        async with ws_connect(b.url, mint("ed")) as on_b:
+            await recv_json(on_b)
+            await on_b.send(json.dumps({"type": "generate", "id": "b", "prompt": "x", "max_tokens": 1}))
+            error = (await recv_until(on_b, lambda f: f["type"] == "error"))[-1]
+            assert error["code"] == "rate_limited" and error["retry_after_s"] > 0
+
+
+async def test_a_follower_learns_when_the_producing_process_dies() -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
+        async with ws_connect(a.url, mint("gil")) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "generate", "id": "doomed", "prompt": "p", "max_tokens": 4000}))
+            first = await recv_until(ws, lambda f: f["type"] == "token")
+        async with ws_connect(b.url, mint("gil")) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "resume", "id": "doomed", "after": first[-1]["seq"]}))
+            await recv_until(ws, lambda f: f["type"] == "token")
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            frames = await recv_until(ws, terminal_for("doomed"), timeout=15)
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "backend_error"
+        assert time.monotonic() - killed < 8
+
+
+async def test_redis_restart(tmp_path: Path) -> None:
+    redis_server = PrivateRedis(tmp_path)
+    redis_server.start()
+    try:
+        env = cluster_env(redis_server.url, GATEWAY_SYNTHETIC_TOKENS_PER_S="100")
+        with two_gateways(env) as (a, b):
+            async with ws_connect(a.url, mint("hu")) as ws, httpx.AsyncClient() as http:
+                await recv_json(ws)
+                await ws.send(json.dumps({"type": "generate", "id": "local", "prompt": "p", "max_tokens": 600}))
+                frames = await recv_until(ws, lambda f: f["type"] == "token")
+                redis_server.stop()
+                with anyio.fail_after(10):
+                    while (await http.get(f"{a.http}/readyz")).json().get("status") != "degraded":
+                        await anyio.sleep(0.1)
+                assert await metric(a, "gateway_redis_up") == 0
+                # Client and producer share process A: the stream keeps flowing without Redis.
+                frames += await recv_until(ws, terminal_for("local"), timeout=20)
+                assert stream_text(frames, "local") == "".join(synthetic_tokens("p", 600))
+                redis_server.start()
+                with anyio.fail_after(15):
+                    while (await http.get(f"{a.http}/readyz")).json().get("status") != "ready":
+                        await anyio.sleep(0.1)
+                    while (await http.get(f"{b.http}/readyz")).json().get("status") != "ready":
+                        await anyio.sleep(0.1)
+            # Cross-process features work again: resume on B, cancel from B.
+            await _resume_across(a, b)
+            async with ws_connect(a.url, mint("hu")) as on_a, ws_connect(b.url, mint("hu")) as on_b:
+                await recv_json(on_a)
+                await recv_json(on_b)
+                await on_a.send(json.dumps({"type": "generate", "id": "c", "prompt": "p", "max_tokens": 4000}))
+                await recv_until(on_a, lambda f: f["type"] == "token")
+                # The listeners resubscribe with backoff: retry the cancel until it lands.
+                with anyio.fail_after(15):
+                    while True:
+                        await on_b.send(json.dumps({"type": "cancel", "id": "c"}))
+                        with anyio.move_on_after(1):
+                            frames = await recv_until(on_a, terminal_for("c"))
+                            break
+                assert frames[-1]["finish_reason"] == "cancelled"
+    finally:
+        redis_server.stop()
+
+
+async def _resume_across(a: ServerProcess, b: ServerProcess) -> None:
+    async with ws_connect(a.url, mint("iv")) as ws:
+        await recv_json(ws)
+        await ws.send(json.dumps({"type": "generate", "id": "after-restart", "prompt": "q", "max_tokens": 200}))
+        first = await recv_until(ws, lambda f: f["type"] == "token" and f["seq"] >= 20)
+    async with ws_connect(b.url, mint("iv")) as ws:
+        await recv_json(ws)
+        await ws.send(json.dumps({"type": "resume", "id": "after-restart", "after": first[-1]["seq"]}))
+        rest = await recv_until(ws, terminal_for("after-restart"), timeout=20)
+    assert stream_text(first, "after-restart") + stream_text(rest, "after-restart") == "".join(
+        synthetic_tokens("q", 200))
+
+
+def test_redis_unreachable_at_start_names_the_url_without_the_password() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", "0"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "GATEWAY_JWT_SECRET": SECRET,
+             "GATEWAY_REDIS_URL": "redis://:hunter2-secret@127.0.0.1:1/0"},
+        capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+    )
+    assert result.returncode != 0
+    assert "cannot reach Redis at redis://***@127.0.0.1:1/0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hunter2-secret" not in result.stderr
+
+
+def test_several_workers_need_redis() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "GATEWAY_JWT_SECRET": SECRET},
+        capture_output=True, text=True, timeout=30, cwd=str(ROOT),
+    )
+    assert result.returncode != 0
+    assert "GATEWAY_REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_workers_share_one_port_and_resume_across_them() -> None:
+    env = cluster_env()
+    with ServerProcess(env, args=("--workers", "2")) as server:
+        for round_ in range(3):
+            async with ws_connect(server.url, mint("jan")) as ws:
+                await recv_json(ws)
+                await ws.send(json.dumps({"type": "generate", "id": f"w{round_}", "prompt": "w", "max_tokens": 50}))
+                frames = await recv_until(ws, terminal_for(f"w{round_}"))
+                assert stream_text(frames, f"w{round_}") == "".join(synthetic_tokens("w", 50))
+        server.terminate()
+        assert server.wait(30) == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(drops=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=4),
+       hops=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_random_drops_and_resumes_lose_and_duplicate_nothing(drops: list[int], hops: list[bool]) -> None:
+    """Drop the socket after a random number of frames, resume on a random process, repeat."""
+    anyio.run(_drops_and_resumes, sorted(set(drops)), hops)
+
+
+_SERVERS: dict[str, Any] = {}
+
+
+def _shared_servers() -> tuple[ServerThread, ServerThread]:
+    if "pair" not in _SERVERS:
+        settings_ = make_settings(backend="synthetic", synthetic_tokens_per_s=400, redis_url=TEST_REDIS_URL,
+                                  redis_prefix=unique_prefix(), resume_grace_s=10, user_generate_rate_per_s=100,
+                                  user_generate_burst=100)
+        first = ServerThread(settings_).__enter__()
+        second = ServerThread(settings_).__enter__()
+        _SERVERS["pair"] = (first, second)
+    pair: tuple[ServerThread, ServerThread] = _SERVERS["pair"]
+    return pair
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_shared_servers() -> Iterator[None]:
+    yield
+    for server in _SERVERS.pop("pair", ()):
+        server.__exit__(None, None, None)
+
+
+async def _drops_and_resumes(drops: list[int], hops: list[bool]) -> None:
+    servers = _shared_servers()
+    stream_id = f"h-{time.monotonic_ns()}"
+    total = 300
+    received: list[dict[str, Any]] = []
+    after = -1
+    server_index = 0
+    for step, drop_after in enumerate([*drops, None]):
+        server = servers[server_index]
+        async with ws_connect(server.url, mint("hyp")) as ws:
+            await recv_json(ws)
+            if step == 0:
+                await ws.send(json.dumps({"type": "generate", "id": stream_id, "prompt": "h", "max_tokens": total}))
+            else:
+                await ws.send(json.dumps({"type": "resume", "id": stream_id, "after": after}))
+            count = 0
+            while True:
+                frame = await recv_json(ws, timeout=10)
+                if frame.get("id") != stream_id:
+                    continue
+                if frame["type"] == "token":
+                    assert frame["seq"] > after, "a token arrived twice"
+                    after = frame["seq"]
+                    received.append(frame)
+                    count += 1
+                if frame["type"] in ("done", "error"):
+                    assert frame["type"] == "done", frame
+                    assert stream_text(received, stream_id) == "".join(synthetic_tokens("h", total))
+                    return
+                if drop_after is not None and count >= drop_after:
+                    break
+        server_index = int(hops[step % len(hops)])
+    raise AssertionError("the stream never finished")
