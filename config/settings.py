@@ -59,6 +59,27 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens: int = Field(default=4096, ge=1)
 
+    # openai backend: any OpenAI-compatible server
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    openai_models: CommaList = []
+    openai_api: Literal["chat", "completions"] = "chat"
+    openai_extra_headers: CommaList = []
+    openai_max_connections: int = Field(default=100, ge=1)
+    openai_max_keepalive_connections: int = Field(default=20, ge=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_first_token_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
+    upstream_retries: int = Field(default=2, ge=0)
+    upstream_retry_backoff_s: float = Field(default=0.25, ge=0)
+
+    # transformers backend: a local Hugging Face model
+    local_model: str | None = None
+    local_device: str = "auto"
+    local_max_concurrency: int = Field(default=1, ge=1)
+    local_queue_size: int = Field(default=16, ge=0)
+
     # Limits
     max_message_bytes: int = Field(default=65536, ge=256)
     max_prompt_chars: int = Field(default=32000, ge=1)
@@ -84,7 +105,7 @@ class Settings(BaseSettings):
     # Shutdown
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
-    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @field_validator("jwt_algorithms", "allowed_origins", "openai_models", "openai_extra_headers", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -114,6 +135,23 @@ class Settings(BaseSettings):
             raise ValueError("at least one JWT algorithm is required")
         return value
 
+    @field_validator("openai_extra_headers")
+    @classmethod
+    def _header_pairs(cls, value: list[str]) -> list[str]:
+        for pair in value:
+            name, sep, _ = pair.partition("=")
+            # Only the name goes into the message: a header value may be a credential.
+            if not sep or not name.strip() or not all(c.isalnum() or c in "-_" for c in name.strip()):
+                raise ValueError(f"openai_extra_headers: expected name=value, got a pair named {name.strip()!r}")
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("openai_base_url must start with http:// or https://")
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_tokens:
@@ -121,6 +159,12 @@ class Settings(BaseSettings):
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
         return self
+
+    @property
+    def openai_headers(self) -> dict[str, str]:
+        """``openai_extra_headers`` as a mapping (names stripped, values as given)."""
+        pairs = (pair.partition("=") for pair in self.openai_extra_headers)
+        return {name.strip(): value.strip() for name, _, value in pairs}
 
     @property
     def has_jwt_key(self) -> bool:
