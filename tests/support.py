@@ -186,6 +186,8 @@ class ServerProcess:
             self.proc.wait(10)
         if self._reader is not None:
             self._reader.join(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
