@@ -21,6 +21,13 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _header_pairs(value: SecretStr | None) -> list[tuple[str, str, str]]:
+    if value is None:
+        return []
+    pairs = (pair.partition("=") for pair in value.get_secret_value().split(",") if pair.strip())
+    return [(name.strip(), sep, rest.strip()) for name, sep, rest in pairs]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -29,6 +36,8 @@ class Settings(BaseSettings):
         extra="ignore",
         # An empty value (GATEWAY_JWT_SECRET= in a copied .env.example) means "use the default".
         env_ignore_empty=True,
+        # Validation errors are logged at start: they must not show a value, which may be a secret.
+        hide_input_in_errors=True,
     )
 
     # Server
@@ -65,7 +74,8 @@ class Settings(BaseSettings):
     openai_model: str | None = None
     openai_models: CommaList = []
     openai_api: Literal["chat", "completions"] = "chat"
-    openai_extra_headers: CommaList = []
+    # name=value pairs, comma-separated; a secret, as a header may carry a credential.
+    openai_extra_headers: SecretStr | None = None
     openai_max_connections: int = Field(default=100, ge=1)
     openai_max_keepalive_connections: int = Field(default=20, ge=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -105,7 +115,7 @@ class Settings(BaseSettings):
     # Shutdown
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
-    @field_validator("jwt_algorithms", "allowed_origins", "openai_models", "openai_extra_headers", mode="before")
+    @field_validator("jwt_algorithms", "allowed_origins", "openai_models", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -137,12 +147,11 @@ class Settings(BaseSettings):
 
     @field_validator("openai_extra_headers")
     @classmethod
-    def _header_pairs(cls, value: list[str]) -> list[str]:
-        for pair in value:
-            name, sep, _ = pair.partition("=")
+    def _header_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        for name, sep, _ in _header_pairs(value):
             # Only the name goes into the message: a header value may be a credential.
-            if not sep or not name.strip() or not all(c.isalnum() or c in "-_" for c in name.strip()):
-                raise ValueError(f"openai_extra_headers: expected name=value, got a pair named {name.strip()!r}")
+            if not sep or not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"openai_extra_headers: expected name=value pairs, got one named {name!r}")
         return value
 
     @field_validator("openai_base_url")
@@ -162,9 +171,8 @@ class Settings(BaseSettings):
 
     @property
     def openai_headers(self) -> dict[str, str]:
-        """``openai_extra_headers`` as a mapping (names stripped, values as given)."""
-        pairs = (pair.partition("=") for pair in self.openai_extra_headers)
-        return {name.strip(): value.strip() for name, _, value in pairs}
+        """``openai_extra_headers`` as a mapping."""
+        return {name: value for name, _, value in _header_pairs(self.openai_extra_headers)}
 
     @property
     def has_jwt_key(self) -> bool:
