@@ -60,3 +60,26 @@ async def test_queue_waits_in_turn_and_refuses_when_full(tiny_model_dir: Path) -
     assert first_done["finish_reason"] == "cancelled"
     assert frames.index(first_done) < next(i for i, f in enumerate(frames) if f.get("id") == "second")
     assert frames[-1]["type"] == "done" and stream_text(frames, "second")
+
+
+def test_streamer_never_splits_a_character(tiny_model_dir: Path) -> None:
+    import threading
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from gateway.backends.transformers import _LoopStreamer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "héllo wörld, 日本語 and more words than a few"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    pieces: list[str] = []
+    streamer = _LoopStreamer(tokenizer, None, None, threading.Event())
+    streamer._emit = pieces.append  # type: ignore[method-assign]
+    streamer.put(torch.tensor([[1, 2]]))  # generate() passes the prompt first
+    for token_id in ids:
+        streamer.put(torch.tensor([token_id]))
+    streamer.end()
+    assert "".join(pieces) == text
+    assert len(pieces) > 5 and not any("\ufffd" in piece for piece in pieces)

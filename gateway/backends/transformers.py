@@ -60,7 +60,12 @@ class _End:
 
 class _LoopStreamer(BaseStreamer):  # type: ignore[misc]
     """Receives token ids in the generation thread and sends the newly decoded text to the
-    event loop. Text that ends inside a multi-byte character waits for the next token."""
+    event loop.
+
+    Decoding is incremental and bounded: only the ids since the last emitted text (plus the
+    few before them, which settle spacing and merges) are decoded at each step, and text
+    that ends inside a multi-byte character waits for the next token.
+    """
 
     def __init__(self, tokenizer: Any, send: Any, token: Any, stop: threading.Event) -> None:
         self.tokenizer = tokenizer
@@ -68,7 +73,8 @@ class _LoopStreamer(BaseStreamer):  # type: ignore[misc]
         self.token = token
         self.stop = stop
         self.ids: list[int] = []
-        self.shown = 0
+        self.prefix = 0  # ids[prefix:read] were decoded and emitted already
+        self.read = 0
         self.prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -76,16 +82,18 @@ class _LoopStreamer(BaseStreamer):  # type: ignore[misc]
             self.prompt_seen = True
             return
         self.ids.extend(int(i) for i in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        self._emit(text[self.shown :])
-        self.shown = len(text)
+        self._advance(final=False)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._emit(text[self.shown :])
-        self.shown = len(text)
+        self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._emit(after[len(before) :])
+            self.prefix, self.read = self.read, len(self.ids)
 
     def _emit(self, text: str) -> None:
         if not text or self.stop.is_set():
@@ -227,6 +235,8 @@ class TransformersBackend:
             finally:
                 stop.set()
                 receive.close()
+                # The slot is released only once the model is free again, or the limit on
+                # concurrent generations would not hold.
                 with anyio.move_on_after(THREAD_JOIN_TIMEOUT_S, shield=True):
                     await finished.wait()
         finally:
