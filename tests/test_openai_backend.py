@@ -200,7 +200,7 @@ async def test_retries_fit_in_the_first_token_timeout(upstream: FakeUpstream) ->
         elapsed = time.monotonic() - started_at
     assert error is not None and error.extra["upstream_status"] == 503
     assert 1 < len(upstream.generation_requests()) < 100
-    assert elapsed < 0.6 + 0.3
+    assert elapsed < 0.6 + 0.6
 
 
 async def test_429_is_rate_limited_with_the_upstream_hint(upstream: FakeUpstream) -> None:
@@ -291,7 +291,7 @@ async def test_aclose_closes_the_upstream_response_at_once(upstream: FakeUpstrea
         await iterator.aclose()  # type: ignore[attr-defined]
         seen = upstream.last()
         assert await anyio.to_thread.run_sync(seen.gone.wait, 2.0)
-    assert seen.gone_at - closed_at < 0.5
+    assert seen.gone_at - closed_at < 1.0
     assert not seen.completed and seen.tokens_sent < 20
 
 

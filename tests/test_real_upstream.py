@@ -146,7 +146,7 @@ async def test_cancel_through_the_gateway_ends_generation_on_the_server(served: 
             await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": "go on", "max_tokens": 4000}))
             await recv_until(ws, lambda f: f.get("type") == "token", timeout=60)
             busy = await served.cpu_rate()
-            assert busy > 0.3, f"the server should be generating (cpu {busy:.2f})"
+            assert busy > 0.2, f"the server should be generating (cpu {busy:.2f})"
             await ws.send(json.dumps({"type": "cancel", "id": "long"}))
             frames = await recv_until(ws, terminal_for("long"))
             assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "cancelled"
