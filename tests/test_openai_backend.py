@@ -392,3 +392,36 @@ async def test_end_to_end_stream_error_frames_and_cancel(upstream: FakeUpstream)
 
         async with httpx.AsyncClient() as client:
             assert (await client.get(server.http + "/readyz")).status_code == 200
+
+
+async def test_a_closed_socket_closes_the_upstream_response(upstream: FakeUpstream) -> None:
+    upstream.default = Plan(delay_s=0.05)
+    with ServerThread(settings_for(upstream)) as server:
+        async with ws_connect(server.url, mint()) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "generate", "id": "gone", "prompt": " ".join(["w"] * 400)}))
+            await recv_until(ws, lambda f: f.get("type") == "token")
+        closed_at = time.monotonic()
+        seen = upstream.last()
+        assert await anyio.to_thread.run_sync(seen.gone.wait, 2.0)
+    assert seen.gone_at - closed_at < 1.5 and not seen.completed
+
+
+async def test_a_stale_close_closes_the_upstream_response(upstream: FakeUpstream) -> None:
+    from tests.support import RawClient
+
+    upstream.default = Plan(delay_s=0.05)
+    settings = settings_for(upstream, heartbeat_interval_s=0.2, heartbeat_timeout_s=0.6)
+    with ServerThread(settings) as server:
+        client = RawClient(server.port, mint())
+        try:
+            client.send_json({"type": "generate", "id": "stale", "prompt": " ".join(["w"] * 400)})
+            while not any(f.get("type") == "token" for f in client.frames):
+                client.read_some()
+            seen = upstream.last()
+            # The client now says nothing: after the heartbeat timeout the gateway closes it.
+            assert await anyio.to_thread.run_sync(seen.gone.wait, 5.0)
+            assert not seen.completed and seen.tokens_sent < 200
+            assert server.metric('gateway_closes_total{reason="stale"}') == 1
+        finally:
+            client.close()
