@@ -21,6 +21,13 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _header_pairs(value: SecretStr | None) -> list[tuple[str, str, str]]:
+    if value is None:
+        return []
+    pairs = (pair.partition("=") for pair in value.get_secret_value().split(",") if pair.strip())
+    return [(name.strip(), sep, rest.strip()) for name, sep, rest in pairs]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -29,6 +36,8 @@ class Settings(BaseSettings):
         extra="ignore",
         # An empty value (GATEWAY_JWT_SECRET= in a copied .env.example) means "use the default".
         env_ignore_empty=True,
+        # Validation errors are logged at start: they must not show a value, which may be a secret.
+        hide_input_in_errors=True,
     )
 
     # Server
@@ -58,6 +67,28 @@ class Settings(BaseSettings):
     synthetic_tokens_per_s: float = Field(default=50.0, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens: int = Field(default=4096, ge=1)
+
+    # openai backend: any OpenAI-compatible server
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    openai_models: CommaList = []
+    openai_api: Literal["chat", "completions"] = "chat"
+    # name=value pairs, comma-separated; a secret, as a header may carry a credential.
+    openai_extra_headers: SecretStr | None = None
+    openai_max_connections: int = Field(default=100, ge=1)
+    openai_max_keepalive_connections: int = Field(default=20, ge=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_first_token_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
+    upstream_retries: int = Field(default=2, ge=0)
+    upstream_retry_backoff_s: float = Field(default=0.25, ge=0)
+
+    # transformers backend: a local Hugging Face model
+    local_model: str | None = None
+    local_device: str = "auto"
+    local_max_concurrency: int = Field(default=1, ge=1)
+    local_queue_size: int = Field(default=16, ge=0)
 
     # Limits
     max_message_bytes: int = Field(default=65536, ge=256)
@@ -98,7 +129,7 @@ class Settings(BaseSettings):
     rooms_claim: str = "rooms"
     max_rooms_per_connection: int = Field(default=16, ge=1)
 
-    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @field_validator("jwt_algorithms", "allowed_origins", "openai_models", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -136,6 +167,22 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes long")
         return value
 
+    @field_validator("openai_extra_headers")
+    @classmethod
+    def _header_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        for name, sep, _ in _header_pairs(value):
+            # Only the name goes into the message: a header value may be a credential.
+            if not sep or not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"openai_extra_headers: expected name=value pairs, got one named {name!r}")
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("openai_base_url must start with http:// or https://")
+        return value.rstrip("/")
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_tokens:
@@ -143,6 +190,11 @@ class Settings(BaseSettings):
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
         return self
+
+    @property
+    def openai_headers(self) -> dict[str, str]:
+        """``openai_extra_headers`` as a mapping."""
+        return {name: value for name, _, value in _header_pairs(self.openai_extra_headers)}
 
     @property
     def has_jwt_key(self) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio import BrokenResourceError, ClosedResourceError
@@ -46,6 +46,8 @@ logger = logging.getLogger("gateway.generation")
 
 # How long a backend iterator gets to run its cleanup after the gateway stops it.
 ACLOSE_TIMEOUT_S = 2.0
+# After max_tokens, how long to wait for the backend's own FinishChunk (its usage).
+FINISH_AFTER_LIMIT_WAIT_S = 1.0
 # How long the flusher keeps retrying the store after the generation ended.
 FLUSH_GIVE_UP_S = 30.0
 
@@ -219,7 +221,7 @@ class Generation:
                                             self.detach(follow)
                             count += 1
                             if count >= request.max_tokens:
-                                finish = FinishChunk("length")
+                                finish = await self._finish_after_limit(iterator)
                                 break
                         elif isinstance(chunk, FinishChunk):
                             finish = chunk
@@ -231,7 +233,10 @@ class Generation:
                             await aclose()
                 finish = finish or FinishChunk("stop")
                 prompt_tokens = finish.prompt_tokens if finish.prompt_tokens is not None else 0
-                terminal = encode_done(request.id, finish.finish_reason, prompt_tokens, count)
+                # A backend's own count (model tokens, from the upstream's usage) wins over the
+                # number of chunks the gateway saw.
+                completion_tokens = finish.completion_tokens if finish.completion_tokens is not None else count
+                terminal = encode_done(request.id, finish.finish_reason, prompt_tokens, completion_tokens)
                 outcome = finish.finish_reason
             if self.scope.cancelled_caught:
                 terminal = self.cancel_frame or encode_done(request.id, "cancelled", 0, count)
@@ -247,6 +252,19 @@ class Generation:
             outcome = "internal"
             hub.metrics.errors.labels("internal").inc()
         return terminal, outcome
+
+    @staticmethod
+    async def _finish_after_limit(iterator: Any) -> FinishChunk:
+        """``max_tokens`` reached. A backend that honours it sends its FinishChunk (with the
+        upstream's usage) next; wait briefly for it, and never pass on a token beyond."""
+        with anyio.move_on_after(FINISH_AFTER_LIMIT_WAIT_S):
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return FinishChunk("length")
+            if isinstance(chunk, FinishChunk):
+                return chunk
+        return FinishChunk("length")
 
     async def _deliver_terminal(self, terminal: str) -> None:
         item = Frame(self.ref, terminal)

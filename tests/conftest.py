@@ -1,8 +1,79 @@
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PLUGIN = "shout"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _missing(what: str) -> None:
+    """Skip when an optional dependency is missing, except under CI, where it is a failure:
+    CI installs every dependency, so a missing one is a broken setup, not a reason to skip."""
+    message = f"{what} is not installed (pip install -e '.[test,local]' 'transformers[serving]')"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " and CI=true")
+    pytest.skip(message)
+
+
+def require_modules(*names: str) -> None:
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            _missing(f"the Python package {name!r}")
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        _missing(f"the program {name!r}")
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama and its tokenizer, built once per test session."""
+    require_modules("torch", "transformers", "tokenizers")
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def example_backend_source() -> str:
+    """The example backend of docs/backends.md, as written there."""
+    text = (ROOT / "docs" / "backends.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return next(block for block in blocks if "class ShoutBackend" in block)
+
+
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Installs the documented example as a third-party distribution (a module plus a
+    ``.dist-info`` with ``entry_points.txt``) on ``sys.path``; yields its entry-point name."""
+    site = tmp_path_factory.mktemp("site-packages")
+    (site / "shout_backend.py").write_text(example_backend_source())
+    info = site / "shout_backend-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-backend\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[gateway.backends]\n{EXAMPLE_PLUGIN} = shout_backend:ShoutBackend\n")
+    (info / "RECORD").write_text("")
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    try:
+        yield EXAMPLE_PLUGIN
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("shout_backend", None)

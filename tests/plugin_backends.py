@@ -97,3 +97,13 @@ class FailingBackend(_Base):
 class NotABackend:
     def __init__(self, settings: Settings) -> None:
         pass
+
+
+class UsageBackend(_Base):
+    """Honours max_tokens and reports the upstream's usage, as an OpenAI-compatible server
+    does, counting two model tokens per chunk."""
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        for index in range(request.max_tokens):
+            yield TokenChunk(f"w{index} ")
+        yield FinishChunk("length", prompt_tokens=7, completion_tokens=2 * request.max_tokens)

@@ -100,7 +100,8 @@ async def ws_connect(url: str, token: str | None = None, **kwargs: Any) -> Any:
     headers = kwargs.pop("additional_headers", {}) or {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    async with connect(url, additional_headers=headers, open_timeout=5, ping_interval=None, **kwargs) as ws:
+    # A generous handshake timeout: these machines are shared and other suites may be running.
+    async with connect(url, additional_headers=headers, open_timeout=15, ping_interval=None, **kwargs) as ws:
         yield ws
 
 

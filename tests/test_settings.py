@@ -59,6 +59,11 @@ def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     {"send_queue_size": 0},
     {"env": "staging"},
     {"jwt_secret": "too-short"},
+    {"openai_extra_headers": "X-Key"},
+    {"openai_extra_headers": "bad name=1"},
+    {"openai_base_url": "ftp://models.example"},
+    {"openai_api": "responses"},
+    {"local_max_concurrency": 0},
 ])
 def test_invalid_settings_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
@@ -69,3 +74,21 @@ def test_secret_is_not_shown_in_repr() -> None:
     settings = Settings(_env_file=None, jwt_secret="super-secret-value-0123456789abcdefghij")  # type: ignore[call-arg]
     assert "super-secret-value-0123456789abcdefghij" not in repr(settings)
     assert "super-secret-value-0123456789abcdefghij" not in str(settings.model_dump())
+
+
+def test_openai_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_OPENAI_BASE_URL", "http://127.0.0.1:8001/v1/")
+    monkeypatch.setenv("GATEWAY_OPENAI_API_KEY", "sk-very-secret-key-value")
+    monkeypatch.setenv("GATEWAY_OPENAI_MODELS", "small, large")
+    monkeypatch.setenv("GATEWAY_OPENAI_EXTRA_HEADERS", "X-Org=acme, X-Token=a=b")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.openai_base_url == "http://127.0.0.1:8001/v1"
+    assert settings.openai_models == ["small", "large"]
+    assert settings.openai_headers == {"X-Org": "acme", "X-Token": "a=b"}
+    assert "sk-very-secret-key-value" not in repr(settings)
+
+
+def test_a_refused_header_pair_does_not_show_its_value() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, openai_extra_headers="X-Ok=1,Bad Name=hunter2-secret")  # type: ignore[call-arg]
+    assert "hunter2-secret" not in str(caught.value)

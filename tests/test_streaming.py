@@ -319,18 +319,18 @@ async def test_slow_consumer_is_closed_4003_while_others_stream() -> None:
     from tests.support import RawClient
 
     with ServerThread(settings) as server:
-        stuck = RawClient(server.port, mint("slow"), recv_buffer=16384)
-        try:
-            stuck.send_json({"type": "generate", "id": "flood", "prompt": "x", "max_tokens": 10_000_000})
-            async with ws_connect(server.url, mint("healthy")) as ws:
-                await recv_json(ws)
+        async with ws_connect(server.url, mint("healthy")) as ws:
+            await recv_json(ws)
+            stuck = RawClient(server.port, mint("slow"), recv_buffer=16384)
+            try:
+                stuck.send_json({"type": "generate", "id": "flood", "prompt": "x", "max_tokens": 10_000_000})
                 await ws.send(json.dumps({"type": "generate", "id": "h", "prompt": "q", "max_tokens": 2000}))
                 frames = await recv_until(ws, terminal_for("h"))
                 assert stream_text(frames, "h") == "".join(synthetic_tokens("q", 2000))
-            await wait_for(lambda: server.metric('gateway_closes_total{reason="slow_consumer"}') == 1)
-            await wait_for(lambda: server.metric("gateway_active_generations") == 0)
-        finally:
-            stuck.close()
+                await wait_for(lambda: server.metric('gateway_closes_total{reason="slow_consumer"}') == 1)
+                await wait_for(lambda: server.metric("gateway_active_generations") == 0)
+            finally:
+                stuck.close()
 
 
 async def test_coalescing_merges_tokens_for_a_slow_reader_without_loss() -> None:
@@ -426,3 +426,14 @@ async def test_health_readiness_metrics_and_page() -> None:
             assert 'gateway_generations_total{outcome="stop"} 1.0' in metrics
             page = await http.get("/")
             assert page.status_code == 200 and "<html" in page.text.lower() and "/ws" in page.text
+
+
+async def test_usage_reported_by_the_backend_survives_the_max_tokens_cap() -> None:
+    with ServerThread(make_settings(backend="tests.plugin_backends:UsageBackend")) as server:
+        async with ws_connect(server.url, mint()) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "generate", "id": "u", "prompt": "x", "max_tokens": 3}))
+            frames = await recv_until(ws, terminal_for("u"))
+    assert stream_text(frames, "u") == "w0 w1 w2 "
+    assert frames[-1]["finish_reason"] == "length"
+    assert frames[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 6}

@@ -24,6 +24,8 @@ from gateway.backends.base import (
 BUILTIN_BACKENDS: dict[str, str] = {
     "echo": "gateway.backends.echo:EchoBackend",
     "synthetic": "gateway.backends.synthetic:SyntheticBackend",
+    "openai": "gateway.backends.openai:OpenAIBackend",
+    "transformers": "gateway.backends.transformers:TransformersBackend",
 }
 
 ENTRY_POINT_GROUP = "gateway.backends"

@@ -1,0 +1,467 @@
+"""``openai``: any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM, TGI,
+``transformers serve``), streamed with server-sent events over one shared HTTP client.
+
+Guarantees, in the terms of the backend interface:
+
+- A token is never sent twice: retries (connection failures and 502/503/504 only, bounded,
+  with jittered backoff) happen only before the first token, and all of them fit in
+  ``GATEWAY_UPSTREAM_FIRST_TOKEN_TIMEOUT_S``, counted from the request.
+- When the gateway stops iterating (cancel, closed socket, stale close, ``max_tokens``) the
+  upstream response is closed at once, so the model server sees the disconnect and stops
+  generating; that is how vLLM and TGI abort a request.
+- Upstream faults become ``GatewayError``\\ s whose message is short and sanitised: the API key
+  and the extra header values never reach a client, even when an upstream echoes them.
+- A stream that ends with neither a ``finish_reason`` nor ``[DONE]`` is a cut connection and
+  ends with ``backend_error``; the tokens already delivered stay valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+import anyio
+import httpx
+
+from config import Settings
+from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.sse import SSEDecoder, SSEError
+from gateway.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
+
+logger = logging.getLogger("gateway.backends.openai")
+
+READY_CACHE_S = 5.0
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+# Longest pause between two attempts, before jitter.
+BACKOFF_CAP_S = 5.0
+# After a finish_reason, how long to wait for the usage chunk and [DONE].
+AFTER_FINISH_GRACE_S = 2.0
+# Time given to read an error body and to close a response.
+ERROR_BODY_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 2.0
+ERROR_BODY_BYTES = 4096
+DETAIL_CHARS = 160
+DEFAULT_RETRY_AFTER_S = 1.0
+
+FINISH_REASONS = {
+    "stop": "stop",
+    "eos": "stop",
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "end_turn": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "model_length": "length",
+    "abort": "cancelled",
+    "aborted": "cancelled",
+    "cancelled": "cancelled",
+    "canceled": "cancelled",
+}
+
+
+def map_finish_reason(reason: str) -> str:
+    """The gateway's ``stop``/``length``/``cancelled`` for their upstream synonyms; any
+    other value (``tool_calls``, ``content_filter``, …) passes through unchanged."""
+    return FINISH_REASONS.get(reason, reason)
+
+
+_TOKEN_LIKE = re.compile(
+    r"(?i)\bbearer\s+\S+"
+    r"|\b(?:sk|pk|rk|hf|gsk|key)[-_][A-Za-z0-9_\-]{6,}"
+    r"|[A-Za-z0-9_\-+/=]{32,}"
+)
+
+
+def sanitize(text: str, secrets: Sequence[str], *, limit: int = DETAIL_CHARS) -> str:
+    """A short single-line excerpt of upstream text that cannot carry a secret.
+
+    Known secrets are removed first, then anything that looks like a credential, then the
+    text is shortened. If any 8-character piece of a secret is still there (an upstream that
+    escaped or split it), the whole excerpt is dropped.
+    """
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    text = _TOKEN_LIKE.sub("[redacted]", text)
+    text = "".join(ch for ch in " ".join(text.split()) if ch.isprintable())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    for secret in secrets:
+        width = min(8, len(secret))
+        if any(secret[i : i + width] in text for i in range(len(secret) - width + 1)):
+            return ""
+    return text
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float:
+    """The upstream's hint: ``Retry-After`` (seconds or an HTTP date), ``retry-after-ms``,
+    or OpenAI's ``x-ratelimit-reset-*`` durations (``1s``, ``6m0s``, ``20ms``)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return _clamp(float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return _clamp(float(value))
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                from datetime import UTC, datetime
+
+                return _clamp((when - datetime.now(UTC)).total_seconds())
+    resets = [_duration(headers.get(name, "")) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+    known = [reset for reset in resets if reset is not None]
+    return _clamp(max(known)) if known else DEFAULT_RETRY_AFTER_S
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def _clamp(seconds: float) -> float:
+    if math.isnan(seconds):
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 0.0), 3600.0)
+
+
+class _Retry(Exception):
+    """An attempt failed before the first token in a way worth another attempt; ``error``
+    is what the client gets if there is none."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _WithoutStreamOptions(Exception):
+    """The upstream refused ``stream_options``: ask again without it, and count tokens."""
+
+
+@dataclass
+class _Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._path = "/chat/completions" if settings.openai_api == "chat" else "/completions"
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+        self._headers = dict(settings.openai_headers)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        # Longest first, so a secret that contains another is removed whole.
+        candidates = [key, *settings.openai_headers.values()]
+        self._secrets = tuple(sorted({s for s in candidates if len(s) >= 4}, key=len, reverse=True))
+        self._include_usage = True
+        self._ready_until = -math.inf
+        self._ready_value = False
+        self._ready_lock: anyio.Lock | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self._client = httpx.AsyncClient(
+            base_url=s.openai_base_url,
+            headers=self._headers,
+            limits=httpx.Limits(
+                max_connections=s.openai_max_connections,
+                max_keepalive_connections=s.openai_max_keepalive_connections,
+            ),
+            # Reads are bounded by the first-token and idle deadlines below, not per socket read.
+            timeout=httpx.Timeout(
+                connect=s.upstream_connect_timeout_s,
+                read=None,
+                write=s.upstream_connect_timeout_s,
+                pool=s.upstream_first_token_timeout_s,
+            ),
+            transport=self._transport,
+        )
+        self._ready_lock = anyio.Lock()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def ready(self) -> bool:
+        """``GET /models`` answered 200, cached for ``READY_CACHE_S``."""
+        client, lock = self._client, self._ready_lock
+        if client is None or lock is None:
+            return False
+        async with lock:
+            if anyio.current_time() < self._ready_until:
+                return self._ready_value
+            ok = False
+            with anyio.move_on_after(self.settings.upstream_connect_timeout_s + 5.0):
+                try:
+                    response = await client.get("/models")
+                    ok = response.status_code == 200
+                    if not ok:
+                        logger.warning("upstream readiness check: HTTP %d", response.status_code)
+                except httpx.HTTPError as exc:
+                    logger.warning("upstream readiness check failed: %s", type(exc).__name__)
+            self._ready_value = ok
+            self._ready_until = anyio.current_time() + READY_CACHE_S
+            return ok
+
+    # Requests -------------------------------------------------------------------------------
+
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        s = self.settings
+        if request.model is not None and s.openai_models and request.model not in s.openai_models:
+            raise BadRequest(f"model {request.model!r} is not available; choose one of: {', '.join(s.openai_models)}")
+        model = request.model or s.openai_model or (s.openai_models[0] if s.openai_models else None)
+        body: dict[str, Any] = {"stream": True, "max_tokens": request.max_tokens}
+        if model:
+            body["model"] = model
+        if s.openai_api == "chat":
+            turns = request.messages or ()
+            body["messages"] = (
+                [{"role": turn.role, "content": turn.content} for turn in turns]
+                if turns
+                else [{"role": "user", "content": request.prompt or ""}]
+            )
+        else:
+            body["prompt"] = (
+                request.prompt if request.prompt is not None else "\n\n".join(t.content for t in request.messages)
+            )
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if self._include_usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        client = self._client
+        if client is None:
+            raise BackendError("the openai backend is not started")
+        body = self.request_body(request)
+        s = self.settings
+        deadline = anyio.current_time() + s.upstream_first_token_timeout_s
+        retries = 0
+        while True:
+            try:
+                async with aclosing(self._attempt(client, body, deadline, request.id)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            except _WithoutStreamOptions:
+                body.pop("stream_options", None)
+                continue
+            except _Retry as retry:
+                delay = min(BACKOFF_CAP_S, s.upstream_retry_backoff_s * 2**retries) * random.uniform(0.5, 1.0)
+                retries += 1
+                if retries > s.upstream_retries or anyio.current_time() + delay >= deadline:
+                    raise retry.error from None
+                logger.info("stream=%s upstream attempt failed (%s); retry %d", request.id, retry, retries)
+                await anyio.sleep(delay)
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, body: dict[str, Any], deadline: float, stream_id: str
+    ) -> AsyncGenerator[Chunk]:
+        http_request = client.build_request("POST", self._path, json=body, headers={"Accept": "text/event-stream"})
+        response: httpx.Response | None = None
+        with anyio.CancelScope(deadline=deadline):
+            try:
+                response = await client.send(http_request, stream=True)
+            except httpx.TimeoutException as exc:
+                raise _Retry(BackendTimeout(f"the upstream did not answer in time ({type(exc).__name__})")) from None
+            except httpx.TransportError as exc:
+                raise _Retry(BackendError(f"cannot reach the upstream ({type(exc).__name__})")) from None
+        if response is None:
+            raise BackendTimeout(self._first_token_message())
+        try:
+            if response.status_code != 200:
+                await self._raise_for_status(response, body, stream_id)
+            async for chunk in self._events(response, deadline):
+                yield chunk
+        finally:
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await response.aclose()
+
+    def _first_token_message(self) -> str:
+        return f"no token from the upstream within {self.settings.upstream_first_token_timeout_s:g} s"
+
+    async def _raise_for_status(self, response: httpx.Response, body: dict[str, Any], stream_id: str) -> None:
+        status = response.status_code
+        raw = await _read_bounded(response)
+        logger.info("stream=%s upstream answered HTTP %d", stream_id, status)
+        if status == 400 and "stream_options" in body and "stream_options" in raw:
+            self._include_usage = False
+            raise _WithoutStreamOptions()
+        detail = sanitize(_error_text(raw), self._secrets)
+        suffix = f": {detail}" if detail else ""
+        if status == 429:
+            limited = RateLimited(f"the upstream is rate limiting requests{suffix}",
+                                  retry_after_s=retry_after_seconds(response.headers))
+            limited.extra["upstream_status"] = status
+            raise limited
+        error = BackendError(f"the upstream answered HTTP {status}{suffix}", upstream_status=status)
+        if status in RETRYABLE_STATUS:
+            raise _Retry(error)
+        raise error
+
+    async def _events(self, response: httpx.Response, deadline: float) -> AsyncIterator[Chunk]:
+        idle_s = self.settings.upstream_idle_timeout_s
+        decoder = SSEDecoder()
+        usage = _Usage()
+        finish: str | None = None
+        done = False
+        count = 0
+        async with aclosing(cast(AsyncGenerator[str], response.aiter_text())) as pieces:
+            while not done:
+                if finish is not None:
+                    limit = anyio.current_time() + min(idle_s, AFTER_FINISH_GRACE_S)
+                elif count == 0:
+                    limit = deadline
+                else:
+                    limit = anyio.current_time() + idle_s
+                piece: str | None = None
+                with anyio.CancelScope(deadline=limit) as scope:
+                    try:
+                        piece = await anext(pieces, None)
+                    except httpx.TransportError as exc:
+                        if finish is not None:
+                            break
+                        error = BackendError(f"the upstream connection broke ({type(exc).__name__})")
+                        if count == 0:
+                            raise _Retry(error) from None
+                        raise error from None
+                if scope.cancelled_caught:
+                    if finish is not None:
+                        break
+                    if count == 0:
+                        raise BackendTimeout(self._first_token_message())
+                    raise BackendTimeout(f"the upstream sent nothing for {idle_s:g} s")
+                if piece is None:
+                    break
+                try:
+                    events = decoder.feed(piece)
+                except SSEError:
+                    raise BackendError("the upstream sent a malformed event") from None
+                for event in events:
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        break
+                    texts, reason = self._parse(event.data, usage)
+                    for text in texts:
+                        count += 1
+                        yield TokenChunk(text)
+                    if reason is not None:
+                        finish = reason
+                        if usage.completion_tokens is not None:
+                            done = True
+        if finish is None and not done:
+            raise BackendError("the upstream stream ended before it finished")
+        yield FinishChunk(
+            map_finish_reason(finish or "stop"),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else count,
+        )
+
+    def _parse(self, data: str, usage: _Usage) -> tuple[list[str], str | None]:
+        """The texts and the finish reason in one event; updates ``usage``."""
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            raise BackendError("the upstream sent a malformed event") from None
+        if not isinstance(payload, dict):
+            raise BackendError("the upstream sent a malformed event")
+        if payload.get("error") is not None:
+            detail = sanitize(_error_text(json.dumps(payload)), self._secrets)
+            raise BackendError("the upstream failed mid-stream" + (f": {detail}" if detail else ""))
+        reported = payload.get("usage")
+        if isinstance(reported, dict):
+            prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
+            usage.prompt_tokens = prompt if isinstance(prompt, int) else usage.prompt_tokens
+            usage.completion_tokens = completion if isinstance(completion, int) else usage.completion_tokens
+        choices = payload.get("choices")
+        if choices is None:
+            choices = []
+        if not isinstance(choices, list):
+            raise BackendError("the upstream sent a malformed event")
+        texts: list[str] = []
+        reason: str | None = None
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            if "delta" in choice:
+                delta = choice["delta"]
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:
+                text = choice.get("text")
+            if text is not None and not isinstance(text, str):
+                raise BackendError("the upstream sent a malformed event")
+            if text:
+                texts.append(text)
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish:
+                reason = finish
+        return texts, reason
+
+
+async def _read_bounded(response: httpx.Response) -> str:
+    data = bytearray()
+    with anyio.move_on_after(ERROR_BODY_TIMEOUT_S):
+        try:
+            async for piece in response.aiter_bytes():
+                data += piece
+                if len(data) >= ERROR_BODY_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass
+    return bytes(data[:ERROR_BODY_BYTES]).decode("utf-8", "replace")
+
+
+def _error_text(raw: str) -> str:
+    """The human part of an upstream error body: ``error.message``, ``message`` or
+    ``detail`` of a JSON body; nothing from other bodies (proxy pages, HTML)."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return ""
+    if not isinstance(payload, dict):
+        return ""
+    error = payload.get("error")
+    if isinstance(error, dict):
+        message = error.get("message")
+        return message if isinstance(message, str) else ""
+    for key in ("message", "detail", "error"):
+        value = payload.get(key)
+        if isinstance(value, str):
+            return value
+    return ""

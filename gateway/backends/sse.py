@@ -1,0 +1,91 @@
+"""Server-sent events, decoded incrementally. No I/O happens here.
+
+``SSEDecoder.feed(text)`` takes text as it arrives, in pieces of any size (a line may be
+split anywhere, ``\\r\\n`` included), and returns the events completed by that piece. It
+follows the HTML event-stream rules the OpenAI-compatible servers use: ``data:`` lines
+are joined with newlines, an empty line dispatches the event, lines starting with ``:``
+are comments (keep-alives), other fields are kept only for ``event``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    data: str
+    event: str = "message"
+
+
+class SSEError(ValueError):
+    pass
+
+
+class SSEDecoder:
+    def __init__(self, *, max_line_chars: int = 1 << 20) -> None:
+        self._buffer = ""
+        self._data: list[str] = []
+        self._event = ""
+        self._pending_cr = False
+        self._max_line_chars = max_line_chars
+
+    def feed(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        if self._pending_cr and text.startswith("\n"):
+            text = text[1:]
+        self._pending_cr = False
+        buffer = self._buffer + text
+        events: list[Event] = []
+        start = 0
+        length = len(buffer)
+        while start < length:
+            cr = buffer.find("\r", start)
+            lf = buffer.find("\n", start)
+            if cr == -1 and lf == -1:
+                break
+            end = lf if cr == -1 else cr if lf == -1 else min(cr, lf)
+            line = buffer[start:end]
+            if buffer[end] == "\r":
+                if end + 1 < length:
+                    start = end + 2 if buffer[end + 1] == "\n" else end + 1
+                else:
+                    # A \r at the end of a piece: a \n may start the next one.
+                    self._pending_cr = True
+                    start = end + 1
+            else:
+                start = end + 1
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max_line_chars:
+            raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
+        return events
+
+    @property
+    def partial(self) -> bool:
+        """Whether the stream stopped inside an event or a line (an event whose blank line
+        never came is dropped, as the spec says)."""
+        return bool(self._buffer or self._data)
+
+    def _line(self, line: str) -> Event | None:
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            event = Event("\n".join(self._data), self._event or "message")
+            self._data = []
+            self._event = ""
+            return event
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
