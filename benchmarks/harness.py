@@ -70,6 +70,7 @@ class Target:
     loop: str = "auto"
     http: str = "auto"
     backend: str = "synthetic"
+    env: tuple[tuple[str, str], ...] = ()  # extra GATEWAY_* settings
 
     @property
     def is_variant(self) -> bool:
@@ -129,6 +130,7 @@ class ServerOptions:
             "GATEWAY_WS_PING_TIMEOUT_S": str(self.ws_ping_interval_s),
             "GATEWAY_DRAIN_TIMEOUT_S": "0",
         }
+        env.update(target.env)
         env.update(self.extra_env)
         return env
 

@@ -38,6 +38,7 @@ class Plan:
     """Sizes of one run; ``smoke`` only proves the harness and its output work."""
 
     s1_tokens: int = 200_000
+    repeats: int = 3  # throughput runs per server; the median is reported
     s2_streams: int = 100
     s2_tokens_each: int = 2_000
     s3_streams: tuple[int, ...] = (100, 1_000, 3_000)
@@ -48,8 +49,8 @@ class Plan:
     s4_rest_s: float = 5.0
     s5_healthy: int = 100
     s5_slow: int = 100
-    s5_slow_tokens: int = 200_000
-    s5_slow_settle_s: float = 3.0
+    s5_slow_tokens: int = 10_000_000
+    s5_slow_settle_s: float = 8.0
     s5_tail_s: float = 1.0
     # Which floors each scenario runs beside the gateway (the smoke run starts fewer servers).
     all_floors_in: tuple[str, ...] = ("s1", "s2", "s3", "s4")
@@ -61,7 +62,7 @@ class Plan:
     @classmethod
     def smoke(cls) -> Plan:
         return cls(
-            s1_tokens=2_000, s2_streams=5, s2_tokens_each=200, s3_streams=(10,), s3_tokens_each=6,
+            s1_tokens=2_000, repeats=1, s2_streams=5, s2_tokens_each=200, s3_streams=(10,), s3_tokens_each=6,
             s3_stagger_s=0.1, s4_counts=(20,), s4_settle_s=0.2, s4_rest_s=0.3, s5_healthy=5, s5_slow=5,
             s5_slow_tokens=5_000, s5_slow_settle_s=0.3, s5_tail_s=0.2, all_floors_in=("s1",),
         )
@@ -126,17 +127,19 @@ def measure_throughput(ctx: Context, target: Target, connections: int, tokens_ea
         "kind": "stream", "connections": connections, "max_tokens": tokens_each, "jwt_secret": JWT_SECRET,
         "timeout_s": 120.0,
     }
+    runs = []
     with ServerProcess(target, options, ctx.pinning, ctx.workdir) as server:
-        run = run_loadgen(spec, server, ctx.pinning, timeout=180.0)
-    window = run.window("sgo", "send")
-    result = run.result
-    tokens = max(result["tokens"], 1)
-    return {
-        "target": target.name,
-        **result,
-        **window,
-        "cpu_us_per_token": 1e6 * window["server_cpu_s"] / tokens,
-    }
+        for _ in range(ctx.plan.repeats):
+            run = run_loadgen(spec, server, ctx.pinning, timeout=180.0)
+            window = run.window("sgo", "send")
+            tokens = max(run.result["tokens"], 1)
+            runs.append({"target": target.name, **run.result, **window,
+                         "cpu_us_per_token": 1e6 * window["server_cpu_s"] / tokens})
+    # Short runs on a shared machine scatter: report the median run and the spread.
+    runs.sort(key=lambda m: m["tokens_per_s"])
+    median = dict(runs[len(runs) // 2])
+    median["repeats"] = [m["tokens_per_s"] for m in runs]
+    return median
 
 
 def throughput_section(ctx: Context, key: str, title: str, connections: int, tokens_each: int) -> Section:
@@ -160,7 +163,9 @@ def throughput_section(ctx: Context, key: str, title: str, connections: int, tok
         ])
     section.notes.append(
         "Ratios are tokens/s over the floor's frames/s (the floors send one frame per token). Rates are over "
-        "the span from the first to the last token frame received; CPU is over the whole run, as a share of one core."
+        "the span from the first to the last token frame received; CPU is over the whole run, as a share of one core. "
+        f"Each row is the median of {ctx.plan.repeats} runs against one server process; the spread of tokens/s: "
+        + "; ".join(f"{m['target']} {fmt(min(m['repeats']))}-{fmt(max(m['repeats']))}" for m in measured) + "."
     )
     section.data["measured"] = measured
     return section
@@ -308,6 +313,12 @@ def idle_steps(run: LoadRun) -> list[dict[str, Any]]:
 # Scenario 5: slow consumers ------------------------------------------------------------------
 
 
+# A small kernel send buffer so never-reading clients fill everything within seconds; a long
+# slow-consumer timeout so they are still connected while the healthy streams are measured
+# (the bound under test is the queue's, not eviction).
+SLOW_ENV = {"GATEWAY_SOCKET_SEND_BUFFER_BYTES": "16384", "GATEWAY_SLOW_CONSUMER_TIMEOUT_S": "120"}
+
+
 def scenario_5(ctx: Context) -> Section:
     p = ctx.plan
     section = Section(
@@ -315,7 +326,7 @@ def scenario_5(ctx: Context) -> Section:
         f"5. Slow consumers: {p.s5_slow} clients that never read beside {p.s5_healthy} paced streams (gateway)",
         ["measure", "value", "note"],
     )
-    options = ServerOptions(tokens_per_s=LLM_TOKENS_PER_S, ttft_ms=LLM_TTFT_MS)
+    options = ServerOptions(tokens_per_s=LLM_TOKENS_PER_S, ttft_ms=LLM_TTFT_MS, extra_env=SLOW_ENV)
     target = Target("gateway", "gateway", backend="paced-or-full")
     spec = {
         "kind": "slow", "connections": p.s5_healthy, "slow_connections": p.s5_slow, "jwt_secret": JWT_SECRET,
@@ -330,7 +341,7 @@ def scenario_5(ctx: Context) -> Section:
         run = run_loadgen(spec, server, ctx.pinning, timeout=600.0)
         metrics = scrape_metrics(server.port)
     result = run.result
-    before = run.phases["slow-open"].server
+    before = run.phases["aend"].server
     rss_open = run.phases["open"].server
     settled = run.phases["slow-settled"].server
     end = run.phases["tail"].server
@@ -342,7 +353,7 @@ def scenario_5(ctx: Context) -> Section:
     slow = max(result["slow_connections"], 1)
     # What a never-reading client can hold in the gateway: a full send queue of token items
     # (about 120 bytes each) plus the transport's write buffer above its high-water mark.
-    bound_kb = (256 * 120 + 64 * 1024 + 8 * 1024) / 1024
+    bound_kb = (256 * 120 + 64 * 1024 + 16 * 1024) / 1024
     section.rows += [
         ["healthy p99 added delay, alone", f"{fmt(a['delay_p99_ms'], 2)} ms", f"p50 {fmt(a['delay_p50_ms'], 2)} ms"],
         ["healthy p99 added delay, beside slow clients", f"{fmt(b['delay_p99_ms'], 2)} ms",
@@ -357,13 +368,15 @@ def scenario_5(ctx: Context) -> Section:
          f"{fmt((peak - (settled.rss if settled else 0)) / mb, 1)} MB after filling: flat means bounded"],
         ["RSS at the end", f"{fmt((end.rss if end else 0) / mb, 1)} MB", ""],
         ["slow-consumer closes (4003)", fmt(metrics.get('gateway_closes_total{reason="slow_consumer"}', 0.0)),
-         "closed after GATEWAY_SLOW_CONSUMER_TIMEOUT_S (10 s) with a full queue"],
+         "GATEWAY_SLOW_CONSUMER_TIMEOUT_S raised to 120 s here, so none are expected"],
         ["checks", check(b, 0.0), f"baseline: {check(a, 0.0)}"],
     ]
     section.notes += [
         "The never-reading clients ask for a full-speed generation (benchmarks/backends.py picks the pacing per "
-        "request) and stop reading with a 4 KB receive buffer, so their queues and socket buffers fill within "
-        "seconds; the healthy clients then run the scenario 3 workload again. RSS is sampled every 0.2 s.",
+        "request and generates it lazily) and stop reading with a 4 KB receive buffer; the gateway runs with "
+        f"{', '.join(f'{k}={v}' for k, v in SLOW_ENV.items())} so their kernel buffers are small and they stay "
+        f"connected. After {p.s5_slow_settle_s:g} s for their queues to fill, the healthy clients run the scenario 3 "
+        "workload again. RSS is sampled every 0.2 s.",
     ]
     section.data = {"result": result, "rss": [(s.t - t_settled, s.rss / mb) for s in run.samples]}
     return section
@@ -442,6 +455,8 @@ def variant_targets() -> list[Target]:
         Target("gateway [ws=wsproto]", "gateway", ws="wsproto"),
         Target("gateway [loop=asyncio]", "gateway", loop="asyncio"),
         Target("gateway [http=h11]", "gateway", http="h11"),
+        Target("gateway [SO_SNDBUF: kernel autotuning]", "gateway",
+               env=(("GATEWAY_SOCKET_SEND_BUFFER_BYTES", "0"),)),
         Target("floor: FastAPI [ws=websockets]", "fastapi", ws="websockets"),
         Target("floor: FastAPI [ws=wsproto]", "fastapi", ws="wsproto"),
         Target("floor: FastAPI [loop=asyncio]", "fastapi", loop="asyncio"),
