@@ -1,9 +1,11 @@
-"""Command line: ``gateway serve`` and ``gateway token``."""
+"""Command line: ``gateway serve``, ``gateway token`` and ``gateway bench``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -52,6 +54,21 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(rest: list[str]) -> int:
+    # The benchmarks live beside the package in a source checkout and are not installed with it.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "benchmarks" / "run.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        # Imported by name: the benchmarks are not part of the typed package.
+        runner = importlib.import_module("benchmarks.run")
+    except ImportError:
+        print("gateway bench: needs a source checkout (the benchmarks/ directory is not installed)", file=sys.stderr)
+        return 2
+    result: int = runner.main(rest)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="AI token-streaming WebSocket gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,11 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
     token.add_argument("--roles", help="comma-separated roles claim")
     token.set_defaults(handler=_token)
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmarks (python -m benchmarks); options are passed on, see gateway bench --help",
+        add_help=False,
+    )
+    bench.set_defaults(handler=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     result: int = args.handler(args)
     return result
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against the floor of its stack: ``python -m benchmarks``."""
