@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     # Scale-out and resume
     redis_url: str | None = None
     redis_prefix: str = "gw:"
+    redis_max_connections: int = Field(default=64, ge=2)
     resume_ttl_s: float = Field(default=300.0, gt=0)
     resume_grace_s: float = Field(default=30.0, ge=0)
     node_ttl_s: float = Field(default=10.0, gt=0)

@@ -466,7 +466,9 @@ class Connection:
                           created_at=time.time(), room=message.room)
         try:
             created = await hub.store.create(meta)
-        except Exception:
+        except Exception as exc:
+            logger.warning("conn=%s stream=%s stream store create failed: %s", self.session_id, stream_id,
+                           type(exc).__name__)
             await lease.release()
             raise GatewayError("the stream store is unavailable; try again", code=ErrorCode.INTERNAL) from None
         if not created:
@@ -504,13 +506,20 @@ class Connection:
             if follow is None:
                 self._spawn(self._send_terminal_when_finished, generation)
             return
-        meta = await hub.store.get(self.user, stream_id)
+        meta = await self._stored_meta(stream_id)
         if meta is None:
             raise GatewayError("no generation with this id", code=ErrorCode.NOT_FOUND)
         await self._publish({"op": "cancel", "user": self.user, "id": stream_id})
         if follow is None:
             # Not following it here: answer with its terminal frame when it comes.
             self._spawn(self._follow_store, meta, 1 << 62, False)
+
+    async def _stored_meta(self, stream_id: str) -> StreamMeta | None:
+        try:
+            return await self.hub.store.get(self.user, stream_id)
+        except Exception:
+            raise GatewayError("the stream store is unreachable right now; try again",
+                               code=ErrorCode.INTERNAL) from None
 
     async def _send_terminal_when_finished(self, generation: Generation) -> None:
         await generation.finished.wait()
@@ -527,7 +536,7 @@ class Connection:
             self.follows[stream_id] = follow
             self._spawn(self._replay_local, follow, replay, first)
             return
-        meta = await hub.store.get(self.user, stream_id)
+        meta = await self._stored_meta(stream_id)
         if meta is None:
             raise GatewayError("no generation with this id", code=ErrorCode.NOT_FOUND)
         remote = RemoteFollow(meta)

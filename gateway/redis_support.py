@@ -43,12 +43,21 @@ class RedisContext:
         self.node_id = "n-" + secrets.token_hex(6)
         self.node_ttl_s = settings.node_ttl_s
         self.node_ttl_ms = max(int(settings.node_ttl_s * 1000), 100)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=2, socket_timeout=15,
-            health_check_interval=5, retry_on_timeout=False,
-        )
+        # Commands wait for a free connection instead of failing when many generations flush
+        # at once; blocking stream reads (followers) get a pool of their own so they can
+        # never starve the writes.
+        self.client: aioredis.Redis = self._client(url, settings.redis_max_connections)
+        self.blocking_client: aioredis.Redis = self._client(url, settings.redis_max_connections)
         self.up = False
         self.on_state_change: Callable[[bool], None] = lambda up: None
+
+    @staticmethod
+    def _client(url: str, max_connections: int) -> aioredis.Redis:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=10, decode_responses=True, socket_connect_timeout=2,
+            socket_timeout=15, health_check_interval=5,
+        )
+        return aioredis.Redis(connection_pool=pool)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -73,6 +82,9 @@ class RedisContext:
         except (RedisError, OSError):
             pass
         await self.client.aclose()
+        await self.blocking_client.aclose()
+        await self.client.connection_pool.disconnect()
+        await self.blocking_client.connection_pool.disconnect()
 
     def _set_up(self, up: bool) -> None:
         if up != self.up:

@@ -89,7 +89,7 @@ class RedisStreamStore:
         await self._append(meta, {"e": terminal.frame})
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
-        client = self.ctx.client
+        client = self.ctx.blocking_client
         stream_key = self._stream_key(meta.user, meta.id)
         last_id = "0-0"
         position = max(after + 1, 0)

@@ -1,0 +1,175 @@
+"""What the Redis stream store costs per token: Redis commands, bytes sent to Redis, and
+the gateway's CPU per token relative to the memory-only store, measured in one run.
+
+    python -m benchmarks.redis_cost            # writes benchmarks/results/redis_cost.md
+
+It starts a private redis-server (so other users of a shared Redis cannot pollute the
+counters) and the gateway with the synthetic backend, once with the memory store and once
+with Redis, and drives the same two loads through each: one stream at full speed, and
+many streams paced like an LLM (30 tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import redis
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = secrets.token_urlsafe(32)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_gateway(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_PORT": str(port), "GATEWAY_JWT_SECRET": SECRET,
+                "GATEWAY_BACKEND": "synthetic", "GATEWAY_SYNTHETIC_TTFT_MS": "0", "GATEWAY_MAX_TOKENS": "100000",
+                "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_USER_GENERATE_RATE_PER_S": "1000",
+                "GATEWAY_USER_GENERATE_BURST": "1000", "GATEWAY_MAX_STREAMS_PER_USER": "1000",
+                "GATEWAY_MAX_CONNECTIONS_PER_USER": "1000", "GATEWAY_WS_PING_INTERVAL_S": "0", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=full_env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("gateway did not start")
+
+
+async def run_streams(port: int, streams: int, tokens: int) -> int:
+    token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+    received = 0
+
+    async def one(index: int) -> None:
+        nonlocal received
+        async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers={"Authorization": f"Bearer {token}"},
+                           ping_interval=None, max_size=None, open_timeout=30) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "generate", "id": f"s{index}-{secrets.token_hex(3)}",
+                                      "prompt": f"p{index}", "max_tokens": tokens}))
+            last = -1
+            async for message in ws:
+                frame = json.loads(message)
+                if frame["type"] == "token":
+                    last = frame["seq"]
+                elif frame["type"] in ("done", "error"):
+                    break
+            received += last + 1
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    return received
+
+
+def measure(label: str, store_env: dict[str, str], rate: int, streams: int, tokens: int,
+            client: redis.Redis | None) -> dict[str, Any]:
+    port = free_port()
+    proc = start_gateway({"GATEWAY_SYNTHETIC_TOKENS_PER_S": str(rate), **store_env}, port)
+    try:
+        before_cpu = cpu_seconds(proc.pid)
+        if client is not None:
+            client.config_resetstat()
+        started = time.monotonic()
+        received = asyncio.run(run_streams(port, streams, tokens))
+        elapsed = time.monotonic() - started
+        cpu = cpu_seconds(proc.pid) - before_cpu
+        result: dict[str, Any] = {"label": label, "tokens": received, "seconds": round(elapsed, 2),
+                                  "cpu_us_per_token": round(cpu / max(received, 1) * 1e6, 2)}
+        if client is not None:
+            stats = client.info("commandstats")
+            calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+            net = client.info("stats")
+            result["redis_commands_per_token"] = round(sum(calls.values()) / max(received, 1), 3)
+            result["xadd_per_token"] = round(calls.get("xadd", 0) / max(received, 1), 3)
+            result["bytes_to_redis_per_token"] = round(int(net["total_net_input_bytes"]) / max(received, 1), 1)
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "redis_cost.md"))
+    parser.add_argument("--paced-streams", type=int, default=200)
+    args = parser.parse_args()
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed")
+    redis_port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen([binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", tmp],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=redis_port, decode_responses=True)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    time.sleep(0.05)
+            redis_env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+            loads = [("one stream, full speed, 50,000 tokens", 0, 1, 50_000),
+                     (f"{args.paced_streams} streams at 30 tokens/s, 150 tokens each", 30, args.paced_streams, 150)]
+            rows = []
+            for name, rate, streams, tokens in loads:
+                memory = measure(f"{name}: memory", {}, rate, streams, tokens, None)
+                with_redis = measure(f"{name}: redis", redis_env, rate, streams, tokens, client)
+                with_redis["cpu_vs_memory"] = round(with_redis["cpu_us_per_token"] / memory["cpu_us_per_token"], 2)
+                rows += [memory, with_redis]
+        finally:
+            server.kill()
+            server.wait(10)
+    lines = [
+        "# Redis stream store: cost per token",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, redis-py {redis.__version__}; command: `python -m benchmarks.redis_cost`.",
+        "Gateway CPU is the server process's user+system time over the tokens delivered.",
+        "",
+        "| load | store | tokens | gateway CPU µs/token | vs memory | Redis commands/token | XADD/token | "
+        "bytes to Redis/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        load, store = row["label"].rsplit(": ", 1)
+        lines.append(
+            f"| {load} | {store} | {row['tokens']} | {row['cpu_us_per_token']} | {row.get('cpu_vs_memory', 1.0)} | "
+            f"{row.get('redis_commands_per_token', '-')} | {row.get('xadd_per_token', '-')} | "
+            f"{row.get('bytes_to_redis_per_token', '-')} |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
