@@ -25,8 +25,19 @@ class ClusterParts:
     redis: RedisContext | None = None
 
 
+def require_redis_client() -> None:
+    """A clear message instead of an ImportError when redis-py is missing."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "GATEWAY_REDIS_URL is set but redis-py is not installed: pip install 'token-gateway[redis]'"
+        ) from None
+
+
 def build_cluster(settings: Settings) -> ClusterParts:
     if settings.redis_url:
+        require_redis_client()
         from gateway.backplane.redis import RedisBackplane
         from gateway.limits.redis import RedisLimitStore
         from gateway.redis_support import RedisContext

@@ -189,6 +189,9 @@ def preflight(settings: Settings) -> None:
     if settings.redis_url:
         import anyio
 
+        from gateway.cluster import require_redis_client
+
+        require_redis_client()
         from gateway.redis_support import RedisContext
 
         async def check() -> None:

@@ -202,8 +202,26 @@ async def test_redis_restart(tmp_path: Path) -> None:
                         await anyio.sleep(0.1)
                     while (await http.get(f"{b.http}/readyz")).json().get("status") != "ready":
                         await anyio.sleep(0.1)
-            # Cross-process features work again: resume on B, cancel from B.
+            # Cross-process features work again: resume on B, cancel from B, broadcast to both.
             await _resume_across(a, b)
+            async with ws_connect(a.url, mint("kai")) as on_a, ws_connect(b.url, mint("kai")) as on_b, \
+                    httpx.AsyncClient(base_url=a.http) as http:
+                await recv_json(on_a)
+                await recv_json(on_b)
+                admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
+                # Listeners resubscribe with backoff: broadcast until both sockets have one.
+                reached: set[int] = set()
+                with anyio.fail_after(15):
+                    while reached != {0, 1}:
+                        response = await http.post("/admin/broadcast", json={"data": "back"}, headers=admin)
+                        assert response.status_code == 202
+                        for index, ws in enumerate((on_a, on_b)):
+                            if index in reached:
+                                continue
+                            with anyio.move_on_after(1):
+                                frame = (await recv_until(ws, lambda f: f["type"] == "broadcast"))[-1]
+                                assert frame["data"] == "back"
+                                reached.add(index)
             async with ws_connect(a.url, mint("hu")) as on_a, ws_connect(b.url, mint("hu")) as on_b:
                 await recv_json(on_a)
                 await recv_json(on_b)
