@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ class MemoryStreamStore:
         # A stream holds at most max_tokens tokens: the gateway stops a generation there.
         self.max_tokens = settings.max_tokens
         self._records: dict[tuple[str, str], _Record] = {}
+        self._by_user: dict[str, dict[str, _Record]] = {}
+        # Finished streams in finish order: every stream gets the same TTL, so they also
+        # expire in this order and purging only ever looks at the front.
+        self._expiry: deque[tuple[float, tuple[str, str], _Record]] = deque()
 
     async def start(self) -> None:
         return None
@@ -38,9 +43,16 @@ class MemoryStreamStore:
 
     def _purge(self) -> None:
         now = time.monotonic()
-        expired = [key for key, rec in self._records.items() if rec.expires_at <= now]
-        for key in expired:
-            del self._records[key]
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, key, record = expiry.popleft()
+            if self._records.get(key) is record:
+                del self._records[key]
+                streams = self._by_user.get(key[0])
+                if streams is not None:
+                    streams.pop(key[1], None)
+                    if not streams:
+                        del self._by_user[key[0]]
 
     def _live(self, user: str, stream_id: str) -> _Record | None:
         record = self._records.get((user, stream_id))
@@ -51,9 +63,11 @@ class MemoryStreamStore:
     async def create(self, meta: StreamMeta) -> bool:
         self._purge()
         key = (meta.user, meta.id)
-        if key in self._records:
+        if self._live(meta.user, meta.id) is not None:
             return False
-        self._records[key] = _Record(meta)
+        record = _Record(meta)
+        self._records[key] = record
+        self._by_user.setdefault(meta.user, {})[meta.id] = record
         return True
 
     async def get(self, user: str, stream_id: str) -> StreamMeta | None:
@@ -79,6 +93,7 @@ class MemoryStreamStore:
             return
         record.terminal = terminal.frame
         record.expires_at = time.monotonic() + self.ttl_s
+        self._expiry.append((record.expires_at, (meta.user, meta.id), record))
         self._notify(record)
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
@@ -100,5 +115,5 @@ class MemoryStreamStore:
 
     async def resumable(self, user: str) -> list[StreamMeta]:
         self._purge()
-        metas = [rec.meta for (owner, _), rec in self._records.items() if owner == user]
+        metas = [record.meta for record in self._by_user.get(user, {}).values()]
         return sorted(metas, key=lambda m: m.created_at)
