@@ -23,8 +23,9 @@ from gateway.redis_support import RedisContext
 
 logger = logging.getLogger("gateway.limits")
 
-# KEYS[1] counts hash. ARGV: limit, this node, node-key prefix.
-_ACQUIRE_SLOT = """
+# Sums KEYS[1]'s per-process counts into ``total``, dropping the fields of processes whose
+# liveness key (ARGV[3] .. node) has expired. ARGV[2] is this process, always counted.
+_LIVE_TOTAL = """
 local fields = redis.call('HGETALL', KEYS[1])
 local total = 0
 for i = 1, #fields, 2 do
@@ -35,6 +36,10 @@ for i = 1, #fields, 2 do
     total = total + tonumber(fields[i + 1])
   end
 end
+"""
+
+# KEYS[1] counts hash. ARGV: limit, this node, node-key prefix.
+_ACQUIRE_SLOT = _LIVE_TOTAL + """
 if total >= tonumber(ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 redis.call('EXPIRE', KEYS[1], 86400)
@@ -44,17 +49,7 @@ return 1
 # KEYS[1] counts hash, KEYS[2] bucket hash. ARGV: limit, node, node-key prefix, rate, burst.
 # Returns {1, ""} when granted, {0, "streams"} at the concurrency limit, {0, "<seconds>"}
 # when rate limited.
-_ACQUIRE_GENERATION = """
-local fields = redis.call('HGETALL', KEYS[1])
-local total = 0
-for i = 1, #fields, 2 do
-  local node = fields[i]
-  if node ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. node) == 0 then
-    redis.call('HDEL', KEYS[1], node)
-  else
-    total = total + tonumber(fields[i + 1])
-  end
-end
+_ACQUIRE_GENERATION = _LIVE_TOTAL + """
 if total >= tonumber(ARGV[1]) then return {0, 'streams'} end
 local rate = tonumber(ARGV[4])
 local burst = tonumber(ARGV[5])
