@@ -113,6 +113,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             principal = await _first_message_auth(hub, websocket)
             if principal is None:
                 return
+            if hub.is_draining():  # the drain began while this client was authenticating
+                await _close(websocket, CloseCode.GOING_AWAY, "server shutting down")
+                return
         lease = await hub.limits.add_connection(principal.user)
         if lease is None:
             metrics.closes.labels("user_connections").inc()

@@ -27,6 +27,9 @@ logger = logging.getLogger("gateway.auth")
 
 _HMAC = {"HS256", "HS384", "HS512"}
 
+# The least time between two JWKS fetches caused by an unknown key id.
+JWKS_REFRESH_MIN_S = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -75,6 +78,7 @@ class Authenticator:
         self.algorithms = list(settings.jwt_algorithms)
         self.generated_dev_secret = False
         self._jwks_client: jwt.PyJWKClient | None = None
+        self._jwks_refreshed_at = -JWKS_REFRESH_MIN_S
         secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         if self.enabled and not settings.has_jwt_key:
             if settings.env == "production":
@@ -114,15 +118,33 @@ class Authenticator:
                 raise AuthError("bad_algorithm", "token algorithm is not accepted")
             return self._secret
         if self._jwks_client is not None:
-            try:
-                return self._jwks_client.get_signing_key_from_jwt(token).key
-            except jwt.PyJWKClientConnectionError:
-                raise AuthError("jwks_unavailable", "signing keys are unavailable") from None
-            except jwt.PyJWKClientError:
-                raise AuthError("unknown_key", "token signing key is unknown") from None
+            return self._jwks_key(header.get("kid"))
         if self._public_key:
             return self._public_key
         raise AuthError("bad_algorithm", "token algorithm is not accepted")
+
+    def _jwks_key(self, kid: object) -> Any:
+        """The key for ``kid`` from the cached JWKS. An unknown kid refetches the set at most
+        once per JWKS_REFRESH_MIN_S, so tokens with made-up kids cannot make the gateway
+        hammer the identity provider."""
+        assert self._jwks_client is not None
+
+        def find(keys: list[jwt.PyJWK]) -> Any:
+            return next((k.key for k in keys if k.key_id == kid), None)
+
+        try:
+            key = find(self._jwks_client.get_signing_keys())
+            now = time.monotonic()
+            if key is None and now - self._jwks_refreshed_at >= JWKS_REFRESH_MIN_S:
+                self._jwks_refreshed_at = now
+                key = find(self._jwks_client.get_signing_keys(refresh=True))
+        except jwt.PyJWKClientConnectionError:
+            raise AuthError("jwks_unavailable", "signing keys are unavailable") from None
+        except jwt.PyJWKClientError:
+            raise AuthError("unknown_key", "token signing key is unknown") from None
+        if key is None:
+            raise AuthError("unknown_key", "token signing key is unknown")
+        return key
 
     def _verify_sync(self, token: str) -> Principal:
         try:

@@ -116,6 +116,7 @@ class Connection:
         )
         self.follows: dict[str, Follow | RemoteFollow] = {}
         self.rooms: set[str] = set()
+        self._cancel_answers: set[str] = set()
         self._wake_timer = anyio.Event()
         self._closing = anyio.Event()
         self._writer_done = anyio.Event()
@@ -162,16 +163,27 @@ class Connection:
         """Run the connection until it closes, then close the socket. Never raises."""
         self._put_nowait(Frame(None, await self.hello_frame()))
         try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                tg.start_soon(self._writer)
-                tg.start_soon(self._timer)
-                tg.start_soon(self._reader)
-                await self._closing.wait()
-                if self._graceful:
-                    with anyio.move_on_after(GRACEFUL_FLUSH_TIMEOUT_S):
-                        await self._finish_gracefully()
-                tg.cancel_scope.cancel()
+            # The writer outlives everything else that puts frames, so a graceful close can
+            # stop the others, queue the last frames, and let the writer flush them.
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._writer)
+                # A graceful close gets GRACEFUL_FLUSH_TIMEOUT_S from its start to finish.
+                with anyio.CancelScope() as flush_scope:
+                    async with anyio.create_task_group() as tg:
+                        self._task_group = tg
+                        tg.start_soon(self._timer)
+                        tg.start_soon(self._reader)
+                        await self._closing.wait()
+                        if self._graceful:
+                            flush_scope.deadline = anyio.current_time() + GRACEFUL_FLUSH_TIMEOUT_S
+                            await self._end_followed_generations()
+                        tg.cancel_scope.cancel()
+                    if self._graceful:
+                        for frame in self._final_frames:
+                            await self._put(Frame(None, frame))
+                        self._send_queue.close()
+                        await self._writer_done.wait()
+                outer.cancel_scope.cancel()
         except Exception:
             logger.exception("conn=%s user=%s internal error", self.session_id, self.user)
             self._request_close(CloseCode.INTERNAL, "internal error")
@@ -213,19 +225,23 @@ class Connection:
         self._final_frames = list(final_frames)
         self._closing.set()
 
-    async def _finish_gracefully(self) -> None:
+    async def _end_followed_generations(self) -> None:
+        """Graceful close: each followed generation ends with the closing reason's terminal
+        frame; those running on another process are only left (this socket stops following)."""
         terminal = self._generation_terminal
-        local = [f for f in self.follows.values() if isinstance(f, Follow)]
-        for follow in local:
-            generation = follow.generation
-            frame = encode_error(generation.id, terminal[0], terminal[1]) if terminal else None
-            generation.cancel(frame, str(terminal[0]) if terminal else "cancelled")
+        local: list[Follow] = []
+        for follow in list(self.follows.values()):
+            stream_id = follow.generation.id if isinstance(follow, Follow) else follow.meta.id
+            frame = encode_error(stream_id, terminal[0], terminal[1]) if terminal else None
+            if isinstance(follow, Follow):
+                local.append(follow)
+                follow.generation.cancel(frame, str(terminal[0]) if terminal else "cancelled")
+            else:
+                follow.scope.cancel()
+                if frame is not None:
+                    await self._put(Frame(None, frame))
         for follow in local:
             await follow.ended.wait()
-        for frame in self._final_frames:
-            await self._put(Frame(None, frame))
-        self._send_queue.close()
-        await self._writer_done.wait()
 
     async def _close_socket(self) -> None:
         code = self.close_code
@@ -272,7 +288,9 @@ class Connection:
         await self._put(item)
 
     def follow_ended(self, follow: Follow) -> None:
-        if self.follows.get(follow.generation.id) is follow:
+        # A follower still replaying is removed by its replay task once the backlog is out,
+        # so a second resume of the same id cannot start meanwhile.
+        if follow.live and self.follows.get(follow.generation.id) is follow:
             del self.follows[follow.generation.id]
 
     def push(self, frame: str) -> None:
@@ -464,12 +482,17 @@ class Connection:
         lease = await hub.limits.acquire_generation(self.user)
         meta = StreamMeta(user=self.user, id=stream_id, epoch=new_epoch(), node=hub.node_id,
                           created_at=time.time(), room=message.room)
+        # From here until the hub owns the generation nothing may leak the lease: no await
+        # follows the store's create.
         try:
             created = await hub.store.create(meta)
-        except Exception as exc:
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await lease.release()
+            if not isinstance(exc, Exception):
+                raise
             logger.warning("conn=%s stream=%s stream store create failed: %s", self.session_id, stream_id,
                            type(exc).__name__)
-            await lease.release()
             raise GatewayError("the stream store is unavailable; try again", code=ErrorCode.INTERNAL) from None
         if not created:
             await lease.release()
@@ -488,8 +511,7 @@ class Connection:
         )
         generation = Generation(hub, meta, request, lease, accepted_at)
         if message.room is None:
-            # The start frame is queued before the generation can produce a token.
-            await self._put(Frame(generation.ref, generation.start_frame()))
+            # The generation sends its own start frame first (see Generation._produce).
             self.follows[stream_id] = generation.follow(self)
         self._log(logging.DEBUG, "generation started", stream=stream_id)
         hub.start_generation(generation)
@@ -504,7 +526,7 @@ class Connection:
         if generation is not None:
             generation.cancel(None, "cancelled")
             if follow is None:
-                self._spawn(self._send_terminal_when_finished, generation)
+                self._spawn_cancel_answer(stream_id, self._send_terminal_when_finished, generation)
             return
         meta = await self._stored_meta(stream_id)
         if meta is None:
@@ -512,7 +534,23 @@ class Connection:
         await self._publish({"op": "cancel", "user": self.user, "id": stream_id})
         if follow is None:
             # Not following it here: answer with its terminal frame when it comes.
-            self._spawn(self._follow_store, meta, 1 << 62, False)
+            self._spawn_cancel_answer(stream_id, self._follow_store, meta, 1 << 62, False)
+
+    def _spawn_cancel_answer(self, stream_id: str, func: Any, *args: Any) -> None:
+        """At most one pending answer per id, and no more than the stream limit in all."""
+        if stream_id in self._cancel_answers:
+            return
+        if len(self._cancel_answers) >= self.settings.max_streams_per_connection:
+            raise GatewayError("too many cancels awaiting their answer", code=ErrorCode.TOO_MANY_STREAMS)
+        self._cancel_answers.add(stream_id)
+
+        async def answer() -> None:
+            try:
+                await func(*args)
+            finally:
+                self._cancel_answers.discard(stream_id)
+
+        self._spawn(answer)
 
     async def _stored_meta(self, stream_id: str) -> StreamMeta | None:
         try:

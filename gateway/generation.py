@@ -15,6 +15,7 @@ Who owns what:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -196,6 +197,11 @@ class Generation:
             with self.scope:
                 finish: FinishChunk | None = None
                 follows = self.follows
+                # The start frame goes out before any token: followers registered before run().
+                start = Frame(ref, self.start_frame())
+                for follow in tuple(follows):
+                    if not await follow.deliver(start):
+                        self.detach(follow)
                 iterator = hub.backend.stream(request)
                 try:
                     async for chunk in iterator:
@@ -213,8 +219,10 @@ class Generation:
                             if follows:
                                 item = Token(ref, count, text)
                                 if len(follows) == 1:
-                                    if not await follows[0].deliver(item):
-                                        self.detach(follows[0])
+                                    # Read it once: a follower may be detached during the await.
+                                    only = follows[0]
+                                    if not await only.deliver(item):
+                                        self.detach(only)
                                 else:
                                     for follow in tuple(follows):
                                         if not await follow.deliver(item):
@@ -277,41 +285,56 @@ class Generation:
 
     async def _flusher(self) -> None:
         """Write pending tokens to the store (and the room) one batch at a time; the next
-        batch is whatever accumulated while the previous write was in flight."""
+        batch is whatever accumulated while the previous write was in flight. While no
+        token comes, the stream's TTL is refreshed so a slow generation stays resumable."""
         store = self.hub.store
         meta = self.meta
-        gave_up_at: float | None = None
+        touch_every = max(self.hub.settings.resume_ttl_s / 3, 1.0)
+        last_write = anyio.current_time()
+        ended_at: float | None = None
+        lost = False
         while True:
             if not self._pending:
                 if not self._producing:
                     break
-                await self._wake_flusher.wait()
-                self._wake_flusher = anyio.Event()
+                with anyio.move_on_after(max(last_write + touch_every - anyio.current_time(), 0)):
+                    await self._wake_flusher.wait()
+                if self._wake_flusher.is_set():
+                    self._wake_flusher = anyio.Event()
+                elif not self._pending:
+                    with contextlib.suppress(Exception):
+                        await store.touch(meta)
+                    last_write = anyio.current_time()
                 continue
             batch = TokenBatch(self._pending_first, tuple(self._pending))
             try:
                 with anyio.CancelScope(shield=not self._producing):
                     await store.write(meta, batch)
             except Exception:
-                if self._producing or gave_up_at is None:
-                    gave_up_at = gave_up_at or anyio.current_time()
-                if not self._producing and anyio.current_time() - gave_up_at > FLUSH_GIVE_UP_S:
-                    logger.error("stream=%s could not store %d token(s); giving up", meta.id, len(batch.texts))
-                    return
+                if not self._producing:
+                    ended_at = ended_at if ended_at is not None else anyio.current_time()
+                    if anyio.current_time() - ended_at > FLUSH_GIVE_UP_S:
+                        logger.error("stream=%s could not store %d token(s); giving up", meta.id, len(batch.texts))
+                        lost = True
+                        break
                 await anyio.sleep(0.2)
                 continue
-            gave_up_at = None
+            last_write = anyio.current_time()
             del self._pending[: len(batch.texts)]
             self._pending_first += len(batch.texts)
             if meta.room is not None:
                 await self._publish_room(
                     [encode_tokens(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
-        await self._store_terminal()
+        await self._store_terminal(lost)
 
-    async def _store_terminal(self) -> None:
+    async def _store_terminal(self, lost: bool) -> None:
         terminal = self.terminal
         if terminal is None:  # the hub itself was cancelled: nothing to store
             return
+        if lost:
+            # The stored stream lacks its tail: a resumer must not take it for a whole answer.
+            terminal = encode_error(self.meta.id, ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is "
+                                    "incomplete")
         with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
             while True:
                 try:
@@ -321,6 +344,9 @@ class Generation:
                     await anyio.sleep(0.2)
             if self.meta.room is not None:
                 await self._publish_room([terminal])
+            return
+        # Followers elsewhere end when the stream's metadata expires (GATEWAY_RESUME_TTL_S).
+        logger.error("stream=%s could not store its terminal frame", self.meta.id)
 
     async def _publish_room(self, frames: list[str]) -> None:
         assert self.meta.room is not None

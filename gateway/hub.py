@@ -82,6 +82,9 @@ class Hub:
         if self.redis is not None:
             await self.redis.aclose()
 
+    def is_draining(self) -> bool:
+        return self.draining
+
     @property
     def redis_up(self) -> bool:
         return self.redis is None or self.redis.up

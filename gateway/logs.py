@@ -46,7 +46,13 @@ class RedactingFilter(logging.Filter):
         if cleaned != message or record.args:
             record.msg = cleaned
             record.args = None
+        if record.exc_info and not record.exc_text:
+            # Format the traceback here, redacted; formatters reuse exc_text as it is.
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info))
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def logging_config(level: str = "info", *, access_log: bool = False) -> dict[str, Any]:
@@ -66,6 +72,9 @@ def logging_config(level: str = "info", *, access_log: bool = False) -> dict[str
                 "stream": "ext://sys.stderr",
             },
         },
+        # Every other library's records (redis, httpx, asyncio, …) go through the same
+        # redacting handler.
+        "root": {"level": "WARNING", "handlers": ["default"]},
         "loggers": {
             "gateway": {"level": level_name, "handlers": ["default"], "propagate": False},
             "uvicorn": {"level": level_name, "handlers": ["default"], "propagate": False},

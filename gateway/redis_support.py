@@ -10,7 +10,7 @@ import logging
 import random
 import secrets
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -60,7 +60,9 @@ class RedisContext:
         return aioredis.Redis(connection_pool=pool)
 
     def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+        # Parts are escaped, so a user "a:b" with id "c" and a user "a" with id "b:c" can
+        # never name the same key.
+        return self.prefix + ":".join(quote(part, safe="") for part in parts)
 
     @property
     def node_key(self) -> str:
@@ -121,14 +123,16 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]], on_failure: 
     so no background listener dies silently."""
     backoff = 0.1
     while True:
+        started = anyio.current_time()
         try:
             await loop()
-            backoff = 0.1
         except (RedisError, OSError, TimeoutError) as exc:
             on_failure()
             logger.warning("%s: %s; restarting in %.1fs", name, type(exc).__name__, backoff)
         except Exception:
             on_failure()
             logger.exception("%s failed; restarting in %.1fs", name, backoff)
+        if anyio.current_time() - started > 30:
+            backoff = 0.1  # it ran fine for a while: this is a new outage
         await anyio.sleep(backoff * (0.5 + random.random()))
         backoff = min(backoff * 2, max_backoff_s)

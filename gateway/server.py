@@ -173,6 +173,21 @@ def uvicorn_config(
     return GatewayConfig(app, settings=settings, **options)
 
 
+def _listening_socket(config: uvicorn.Config) -> socket.socket:
+    """Bind and listen before announcing the address, so connections made while the
+    workers start wait in the backlog instead of being refused."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(config.backlog)
+    sock.set_inheritable(True)
+    address = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, sock.getsockname()[1])
+    return sock
+
+
 def worker_app() -> Any:
     """The app factory each worker process calls (settings from its environment)."""
     from gateway.app import create_app
@@ -226,9 +241,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         config = uvicorn_config(
             "gateway.server:worker_app", settings, host=host, port=port, factory=True, workers=settings.workers
         )
-        sock = config.bind_socket()
-        # Listen now, so connections made while the workers start wait in the backlog.
-        sock.listen(config.backlog)
+        sock = _listening_socket(config)
         run_workers(config, [sock], settings.workers, settings.drain_timeout_s)
         return
     app = create_app(settings)

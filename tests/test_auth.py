@@ -214,6 +214,9 @@ async def test_dev_without_a_key_generates_a_secret_and_mints() -> None:
         await other.verify(auth.mint("dev"))
 
 
+JWKS_HITS: list[float] = []
+
+
 @pytest.fixture
 def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[str]:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
@@ -222,6 +225,7 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[str]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            JWKS_HITS.append(time.monotonic())
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -255,3 +259,11 @@ async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str) -> None:
                 pass
         assert info.value.response.status_code == 403
         assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
+        # Made-up key ids do not make the gateway refetch the key set each time.
+        hits = len(JWKS_HITS)
+        for attempt in range(5):
+            with pytest.raises(InvalidStatus):
+                async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
+                                                             headers={"kid": f"made-up-{attempt}"})):
+                    pass
+        assert len(JWKS_HITS) == hits

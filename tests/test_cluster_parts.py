@@ -81,6 +81,15 @@ async def test_create_is_a_claim(parts: Any) -> None:
     assert await store.create(meta_for(parts, user="u2")) is True
 
 
+async def test_user_and_id_can_never_collide(parts: Any) -> None:
+    store = parts[0]
+    assert await store.create(meta_for(parts, user="alice:x", stream_id="y")) is True
+    mine = meta_for(parts, user="alice", stream_id="x:y")
+    assert await store.create(mine) is True
+    assert await store.get("alice", "x:y") == mine
+    assert [m.user for m in await store.resumable("alice")] == ["alice"]
+
+
 async def test_follow_replays_after_seq_then_the_live_tail_then_the_terminal(parts: Any) -> None:
     store = parts[0]
     meta = meta_for(parts)

@@ -217,3 +217,39 @@ async def test_hello_and_resume_refuse_unknown_but_keep_the_connection() -> None
             assert (await recv_until(ws, lambda f: f["type"] == "error"))[-1]["code"] == "bad_request"
             await ws.send(json.dumps({"type": "ping"}))
             await recv_until(ws, lambda f: f["type"] == "pong")
+
+
+async def test_a_client_that_vanishes_while_its_generation_waits_on_a_full_queue_can_resume() -> None:
+    from tests.support import RawClient
+
+    settings = make_settings(backend="synthetic", synthetic_tokens_per_s=0, max_tokens=30000, send_queue_size=8,
+                             socket_send_buffer_bytes=16384, resume_grace_s=10)
+    with ServerThread(settings) as server:
+        stuck = RawClient(server.port, mint("nia"), recv_buffer=4096)
+        stuck.send_json({"type": "generate", "id": "blocked", "prompt": "b", "max_tokens": 30000})
+        with anyio.fail_after(10):
+            while server.metric("gateway_active_generations") != 1:
+                await anyio.sleep(0.01)
+        stuck.close()  # the producer is waiting on this client's full queue
+        async with ws_connect(server.url, mint("nia")) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "resume", "id": "blocked", "after": -1}))
+            frames = await recv_until(ws, terminal_for("blocked"), timeout=30)
+    assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "length"
+    assert stream_text(frames, "blocked") == "".join(synthetic_tokens("b", 30000))
+
+
+async def test_repeated_cancels_get_one_answer() -> None:
+    settings = make_settings(backend="tests.plugin_backends:TickingBackend", resume_grace_s=5)
+    with ServerThread(settings) as server:
+        async with ws_connect(server.url, mint("oz")) as a, ws_connect(server.url, mint("oz")) as b:
+            await recv_json(a)
+            await recv_json(b)
+            await a.send(json.dumps({"type": "generate", "id": "once", "prompt": "x", "max_tokens": 4000}))
+            await recv_until(a, lambda f: f["type"] == "token")
+            for _ in range(5):
+                await b.send(json.dumps({"type": "cancel", "id": "once"}))
+            await recv_until(b, terminal_for("once"))
+            await b.send(json.dumps({"type": "ping"}))
+            after = await recv_until(b, lambda f: f["type"] == "pong")
+    assert [f for f in after if f.get("id") == "once"] == []

@@ -92,3 +92,28 @@ def test_a_refused_header_pair_does_not_show_its_value() -> None:
     with pytest.raises(ValidationError) as caught:
         Settings(_env_file=None, openai_extra_headers="X-Ok=1,Bad Name=hunter2-secret")  # type: ignore[call-arg]
     assert "hunter2-secret" not in str(caught.value)
+
+
+def test_tracebacks_in_logs_are_redacted() -> None:
+    import io
+    import logging
+
+    from gateway.logs import RedactingFilter
+
+    jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise RuntimeError(f"upstream said: bad token {jwt_like} for /v1?token=abc123")
+        except RuntimeError:
+            logger.exception("failed with Bearer %s", jwt_like)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "RuntimeError" in text and "Traceback" in text
+    assert jwt_like not in text and "abc123" not in text

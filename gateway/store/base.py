@@ -7,8 +7,9 @@ Guarantees every implementation gives:
   id stays taken until the stream expires (``GATEWAY_RESUME_TTL_S`` after its last write).
 - A writer's batches are stored in the order written; ``follow`` yields every token after
   ``after`` exactly once, in order, then the live tail, then the terminal frame, then stops.
-- ``follow`` of a stream whose producing process died ends with a ``backend_error``
-  terminal after a bounded wait instead of hanging.
+- ``follow`` of a stream whose producing process died, or whose metadata expired without a
+  terminal frame, ends with a ``backend_error`` terminal after a bounded wait instead of
+  hanging.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class StreamStore(Protocol):
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
         """Append one batch of consecutive tokens."""
+
+    async def touch(self, meta: StreamMeta) -> None:
+        """Restart the TTL of a stream that is running but has written nothing lately."""
 
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
         """Append the terminal frame; the stream stays readable for the TTL."""

@@ -87,6 +87,9 @@ class MemoryStreamStore:
         record.tokens.extend(batch.texts[: max(0, self.max_tokens - len(record.tokens))])
         self._notify(record)
 
+    async def touch(self, meta: StreamMeta) -> None:
+        return None  # a running stream does not expire here
+
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
         record = self._records.get((meta.user, meta.id))
         if record is None or record.terminal is not None:

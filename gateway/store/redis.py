@@ -29,6 +29,8 @@ from gateway.store.base import StreamEvent, StreamMeta, Terminal, TokenBatch
 
 # How long one blocking read waits before checking that the producer is alive.
 FOLLOW_BLOCK_MS = 1000
+# The newest ids kept in a user's index (what hello lists as resumable).
+USER_INDEX_MAX = 200
 
 
 class RedisStreamStore:
@@ -63,6 +65,8 @@ class RedisStreamStore:
             return False
         pipe = self.ctx.client.pipeline(transaction=False)
         pipe.zadd(self._user_key(meta.user), {meta.id: meta.created_at})
+        # Keep the index bounded for a user who never reconnects (hello prunes expired ids).
+        pipe.zremrangebyrank(self._user_key(meta.user), 0, -(USER_INDEX_MAX + 1))
         pipe.expire(self._user_key(meta.user), self.ttl_s)
         await pipe.execute()
         return True
@@ -73,14 +77,18 @@ class RedisStreamStore:
             return None
         return StreamMeta(**json.loads(raw))
 
-    async def _append(self, meta: StreamMeta, fields: dict[str, str]) -> None:
+    async def _append(self, meta: StreamMeta, fields: dict[str, str] | None) -> None:
         stream_key = self._stream_key(meta.user, meta.id)
         pipe = self.ctx.client.pipeline(transaction=False)
-        pipe.xadd(stream_key, fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
+        if fields is not None:
+            pipe.xadd(stream_key, fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
         pipe.expire(stream_key, self.ttl_s)
         pipe.expire(self._meta_key(meta.user, meta.id), self.ttl_s)
         pipe.expire(self._user_key(meta.user), self.ttl_s)
         await pipe.execute()
+
+    async def touch(self, meta: StreamMeta) -> None:
+        await self._append(meta, None)
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
         await self._append(meta, {"f": str(batch.first_seq), "t": json.dumps(batch.texts)})
@@ -107,7 +115,18 @@ class RedisStreamStore:
                 backoff = min(backoff * 2, 2.0)
                 continue
             if not response:
-                if await self.ctx.node_alive(meta.node):
+                try:
+                    alive = await self.ctx.node_alive(meta.node)
+                    meta_exists = bool(await self.ctx.client.exists(self._meta_key(meta.user, meta.id)))
+                except (RedisError, OSError):
+                    self.ctx.report(False)
+                    continue
+                if not meta_exists:
+                    # Expired without a terminal frame (its producer could not store one).
+                    yield Terminal(encode_error(meta.id, ErrorCode.BACKEND_ERROR,
+                                                "this generation's stored stream expired"))
+                    return
+                if alive:
                     producer_missing_since = None
                 elif producer_missing_since is None:
                     producer_missing_since = anyio.current_time()
