@@ -18,6 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,7 @@ class Connection:
         self.follows: dict[str, Follow | RemoteFollow] = {}
         self.rooms: set[str] = set()
         self._cancel_answers: set[str] = set()
+        self._overflow: deque[str] = deque()
         self._wake_timer = anyio.Event()
         self._closing = anyio.Event()
         self._writer_done = anyio.Event()
@@ -294,20 +296,28 @@ class Connection:
             del self.follows[follow.generation.id]
 
     def push(self, frame: str) -> None:
-        """Deliver a frame that must not wait (broadcast); a full queue is a slow consumer."""
+        """Deliver a frame that must not wait (a broadcast, room frames).
+
+        A full send queue is the normal state while a generation outpaces the socket, so
+        such frames wait in a bounded overflow that the writer sends after its current
+        batch (keeping their order), and the slow-consumer clock runs meanwhile. Only an
+        overflow that is full too closes the connection (4003) at once."""
         if self._closing.is_set():
             return
-        if not self._put_nowait(Frame(None, frame)):
+        if not self._overflow and self._put_nowait(Frame(None, frame)):
+            return
+        if len(self._overflow) >= self.settings.send_queue_size:
             self._slow_consumer()
+            return
+        self._overflow.append(frame)
+        if self.liveness.queue_full(anyio.current_time()):
+            self._wake_timer.set()
 
     def push_room(self, frames: list[Any]) -> None:
-        """Room fan-out never blocks the producer: a member whose queue is full is closed."""
-        if self._closing.is_set():
-            return
+        """Room fan-out never blocks the producer (see ``push``)."""
         for frame in frames:
-            if isinstance(frame, str) and not self._put_nowait(Frame(None, frame)):
-                self._slow_consumer()
-                return
+            if isinstance(frame, str):
+                self.push(frame)
 
     def _slow_consumer(self) -> None:
         self._log(logging.INFO, "slow consumer: closing 4003")
@@ -360,7 +370,12 @@ class Connection:
                 frames, tokens, merged = coalesce(batch)
                 for text in frames:
                     await send({"type": "websocket.send", "text": text})
-                metrics.frames_sent.inc(len(frames))
+                overflow = self._overflow
+                sent = len(frames)
+                while overflow:
+                    await send({"type": "websocket.send", "text": overflow.popleft()})
+                    sent += 1
+                metrics.frames_sent.inc(sent)
                 if tokens:
                     metrics.tokens_sent.inc(tokens)
                     if merged:

@@ -253,3 +253,21 @@ async def test_repeated_cancels_get_one_answer() -> None:
             await b.send(json.dumps({"type": "ping"}))
             after = await recv_until(b, lambda f: f["type"] == "pong")
     assert [f for f in after if f.get("id") == "once"] == []
+
+
+async def test_a_broadcast_to_a_client_whose_queue_is_full_waits_instead_of_closing_it() -> None:
+    settings = make_settings(backend="synthetic", synthetic_tokens_per_s=0, send_queue_size=4, max_tokens=100000)
+    with ServerThread(settings) as server:
+        async with ws_connect(server.url, mint("pia")) as ws, httpx.AsyncClient(base_url=server.http) as http:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "generate", "id": "busy", "prompt": "b", "max_tokens": 100000}))
+            await recv_until(ws, lambda f: f["type"] == "token")
+            admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
+            for index in range(3):
+                response = await http.post("/admin/broadcast", json={"data": index}, headers=admin)
+                assert response.status_code == 202
+            frames = await recv_until(ws, terminal_for("busy"), timeout=60)
+    assert [f["data"] for f in frames if f["type"] == "broadcast"] == [0, 1, 2]
+    assert stream_text(frames, "busy").endswith("".join(synthetic_tokens("b", 100000))[-200:])
+    assert frames[-1]["type"] == "done"
+    assert server.metric('gateway_closes_total{reason="slow_consumer"}') == 0
