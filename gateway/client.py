@@ -525,6 +525,8 @@ class GatewayClient:
                 finally:
                     self._ws = None
                     self._streams.connected = False
+                    with anyio.CancelScope(shield=True):
+                        await _discard(ws)
                 code, reason = ws.close_code, ws.close_reason or ""
                 if self.closed:
                     return
@@ -565,12 +567,13 @@ class GatewayClient:
                 with anyio.move_on_after(silence) as quiet:
                     message = await ws.recv()
                 if quiet.cancelled_caught:
-                    # A half-open connection: nothing, not even the server's ping.
-                    await ws.close(4000, "heartbeat timeout")
+                    # A half-open connection: nothing, not even the server's ping. A close
+                    # handshake would wait for a peer that is gone: ``_discard`` aborts it.
                     break
-                if isinstance(message, bytes):
+                try:
+                    frame = json.loads(message)
+                except ValueError:
                     continue
-                frame = json.loads(message)
                 if isinstance(frame, dict):
                     await self._on_frame(ws, frame)
         except (ConnectionClosed, TimeoutError, OSError):
@@ -623,6 +626,14 @@ class GatewayClient:
             self._state_changed = anyio.Event()
         if self.on_state is not None:
             self.on_state(change)
+
+
+async def _discard(ws: ClientConnection) -> None:
+    """Close a connection that is done with, without waiting long for a peer that may be gone."""
+    with anyio.move_on_after(1.0), contextlib.suppress(ConnectionClosed, OSError):
+        await ws.close(1000, "")
+    if ws.transport is not None and not ws.transport.is_closing():
+        ws.transport.abort()
 
 
 def connect(url: str, token: TokenSource | None = None, **options: Any) -> GatewayClient:

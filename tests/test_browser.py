@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import require_modules
-from tests.support import ROOT, SECRET, ServerProcess, mint
+from tests.support import ROOT, SECRET, ServerProcess, metric_value, mint
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.slow
@@ -37,8 +38,11 @@ def words(prefix: str, count: int) -> str:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[ServerProcess]:
+    # Application pings every 0.3 s and no protocol pings: only the SDK's pongs keep a
+    # connection alive past 1.5 s, and every test here runs longer than that.
     env = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_BACKEND": "echo", "GATEWAY_ECHO_DELAY_MS": "15",
-           "GATEWAY_RESUME_GRACE_S": "30"}
+           "GATEWAY_RESUME_GRACE_S": "30", "GATEWAY_WS_PING_INTERVAL_S": "0",
+           "GATEWAY_HEARTBEAT_INTERVAL_S": "0.3", "GATEWAY_HEARTBEAT_TIMEOUT_S": "1.5"}
     with ServerProcess(env) as server:
         yield server
 
@@ -126,6 +130,9 @@ def test_demo_page_streams_cancels_and_survives_a_dropped_connection(gateway: Se
         assert page.text_content("#state") == "connected as alice"
         assert "250 tokens · finished: stop" in str(page.locator(".answer .stats").nth(2).text_content())
         assert proxy.cuts == 1
+
+        stale = metric_value(httpx.get(gateway.http + "/metrics").text, 'gateway_closes_total{reason="stale"}')
+        assert stale == 0, "the page did not answer the server's pings"
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)

@@ -221,7 +221,14 @@ export class GatewayClient extends EventTarget {
     if (this._closed) return;
     this._setState({ state: "connecting" });
     let token = this.token;
-    if (typeof token === "function") token = await token();
+    if (typeof token === "function") {
+      try {
+        token = await token();
+      } catch (error) {
+        this._lost(1006, "could not get a token: " + String(error && error.message || error), false);
+        return;
+      }
+    }
     const url = new URL(this.url);
     const protocols = [PROTOCOL];
     if (token && this.auth === "subprotocol") protocols.push("bearer." + token);
