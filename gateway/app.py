@@ -243,10 +243,18 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
-    page = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
+    static = resources.files("gateway").joinpath("static")
+    page = static.joinpath("index.html").read_text(encoding="utf-8")
+    client_js = static.joinpath("client.js").read_text(encoding="utf-8")
 
     @app.get("/")
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get("/client.js")
+    async def client_module() -> Response:
+        # Module scripts are fetched with CORS: a page on another origin may import the SDK.
+        return Response(client_js, media_type="text/javascript; charset=utf-8",
+                        headers={"Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache"})
 
     return app

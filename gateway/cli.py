@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve``, ``gateway token`` and ``gateway bench``."""
+"""Command line: ``gateway serve``, ``gateway token``, ``gateway chat`` and ``gateway bench``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,38 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_token(args: argparse.Namespace) -> str | None:
+    """The token for ``gateway chat``: --token, or in development one minted from the local key."""
+    if args.token:
+        return str(args.token)
+    from gateway.auth import Authenticator
+
+    settings = _settings()
+    if settings.auth == "none":
+        return None
+    if settings.jwt_secret is None or settings.env != "dev":
+        raise SystemExit(
+            "gateway chat: pass --token <jwt> (gateway serve logs a development token), or set "
+            "GATEWAY_JWT_SECRET (the server's HMAC secret, in development) to mint one here"
+        )
+    print(f"[no --token: minted a development token for user {args.user!r} from GATEWAY_JWT_SECRET]",
+          file=sys.stderr)
+    return Authenticator(settings).mint(args.user, ttl_s=args.ttl)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    from gateway.chat import run_chat
+
+    token = _chat_token(args)
+    url = args.url or f"ws://{_settings().host}:{_settings().port}/ws"
+    try:
+        return anyio.run(lambda: run_chat(url, token, auth=args.auth, max_tokens=args.max_tokens))
+    except KeyboardInterrupt:  # Ctrl-C before the chat took it over
+        return 130
+
+
 def _bench(rest: list[str]) -> int:
     # The benchmarks live beside the package in a source checkout and are not installed with it.
     checkout = Path(__file__).resolve().parent.parent
@@ -82,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (default 3600)")
     token.add_argument("--roles", help="comma-separated roles claim")
     token.set_defaults(handler=_token)
+    chat = commands.add_parser("chat", help="an interactive chat in the terminal")
+    chat.add_argument("--url", help="the gateway's WebSocket URL (default: ws://GATEWAY_HOST:GATEWAY_PORT/ws)")
+    chat.add_argument("--token", help="a JWT (default, in development: minted from GATEWAY_JWT_SECRET)")
+    chat.add_argument("--user", default="dev", help="the user of a minted token (default dev)")
+    chat.add_argument("--ttl", type=float, default=3600.0, help="lifetime of a minted token in seconds")
+    chat.add_argument("--auth", choices=["subprotocol", "header", "query", "message"], default="subprotocol",
+                      help="how the token is sent (default subprotocol)")
+    chat.add_argument("--max-tokens", type=int, help="max_tokens of each answer (default: the server's)")
+    chat.set_defaults(handler=_chat)
     bench = commands.add_parser(
         "bench",
         help="run the benchmarks (python -m benchmarks); options are passed on, see gateway bench --help",

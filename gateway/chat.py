@@ -1,0 +1,196 @@
+"""``gateway chat``: an interactive terminal chat on ``gateway.client``.
+
+Tokens are printed as they arrive. Ctrl-C cancels the answer being streamed; at the
+prompt, or pressed again before the cancelled answer has ended, it quits, as does Ctrl-D.
+A dropped connection is reconnected and the answer resumes where it stopped (the client
+guarantees no token is printed twice or skipped). Notices about the connection go to
+stderr, the conversation to stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import sys
+from typing import Any, TextIO
+
+import anyio
+
+from gateway.client import GatewayClient, GatewayError, Generation, StateChange, describe_close
+
+
+class LineReader:
+    """Lines from a file descriptor without a thread: the event loop says when it is
+    readable. A terminal in canonical mode hands over whole lines, edited by the user."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+        self._eof = False
+        self._readable = asyncio.Event()
+
+    def __enter__(self) -> LineReader:
+        asyncio.get_running_loop().add_reader(self.fd, self._readable.set)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.get_running_loop().remove_reader(self.fd)
+
+    async def readline(self) -> str | None:
+        """The next line without its newline; None at end of input."""
+        while b"\n" not in self._buffer:
+            if self._eof:
+                if not self._buffer:
+                    return None
+                line, self._buffer = self._buffer, b""
+                return line.decode(errors="replace")
+            await self._readable.wait()
+            self._readable.clear()
+            # A terminal may have said readable and then dropped its input (Ctrl-C flushes
+            # it). The descriptor stays blocking, since the shell shares it with stdout, so
+            # read only what is there now.
+            if not select.select([self.fd], [], [], 0)[0]:
+                continue
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:  # a terminal that went away reads as an error (EIO)
+                data = b""
+            if data:
+                self._buffer += data
+            else:
+                self._eof = True
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode(errors="replace").rstrip("\r")
+
+
+def format_stats(answer: Generation) -> str:
+    terminal = answer.terminal or {}
+    if terminal.get("type") == "error":
+        return f"[error {terminal.get('code')}: {terminal.get('message')}]"
+    parts = [f"{terminal.get('finish_reason', '?')}", f"{answer.tokens} tokens"]
+    if answer.first_token_at is not None:
+        parts.append(f"first token {(answer.first_token_at - answer.created_at) * 1000:.0f} ms")
+        if answer.finished_at is not None and answer.tokens > 1 and answer.finished_at > answer.first_token_at:
+            parts.append(f"{(answer.tokens - 1) / (answer.finished_at - answer.first_token_at):.1f} tokens/s")
+    return "[" + " · ".join(parts) + "]"
+
+
+class Chat:
+    def __init__(self, client: GatewayClient, *, max_tokens: int | None, out: TextIO, err: TextIO) -> None:
+        self.client = client
+        self.max_tokens = max_tokens
+        self.out = out
+        self.err = err
+        self.history: list[dict[str, str]] = []
+        self.current: Generation | None = None
+        self.cancelling = False
+        self.quit = anyio.Event()
+        self.mid_line = False
+
+    def notice(self, text: str) -> None:
+        if self.mid_line:
+            self.out.flush()
+            self.err.write("\n")
+            self.mid_line = False
+        self.err.write(f"[{text}]\n")
+        self.err.flush()
+
+    def on_state(self, change: StateChange) -> None:
+        if change.state == "reconnecting":
+            self.notice(f"connection closed {describe_close(change.code, change.reason)}; "
+                        f"reconnecting in {change.delay_s or 0:.1f} s")
+        elif change.state == "open" and self.client.opens > 1:
+            self.notice("reconnected" + ("; resuming the answer" if self.current else ""))
+        elif change.state == "closed" and change.code != 1000:
+            self.notice(f"connection closed {describe_close(change.code, change.reason)}")
+            self.quit.set()
+
+    def on_error(self, frame: dict[str, Any]) -> None:
+        self.notice(f"server: {frame.get('code')}: {frame.get('message')}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C: cancel the answer being streamed; otherwise (or a second time) quit."""
+        current = self.current
+        if current is None or self.cancelling:
+            self.quit.set()
+            return
+        self.cancelling = True
+        asyncio.get_running_loop().create_task(current.cancel())
+
+    async def converse(self, lines: LineReader) -> None:
+        while True:
+            self.out.write("you> ")
+            self.out.flush()
+            line = await lines.readline()
+            if line is None:
+                self.out.write("\n")
+                return
+            if not line.strip():
+                continue
+            await self.answer(line)
+
+    async def answer(self, prompt: str) -> None:
+        turn = {"role": "user", "content": prompt}
+        options: dict[str, Any] = {"max_tokens": self.max_tokens} if self.max_tokens else {}
+        answer = await self.client.generate(messages=[*self.history, turn], **options)
+        self.current = answer
+        self.cancelling = False
+        self.out.write("ai> ")
+        self.mid_line = True
+        try:
+            async for text in answer:
+                self.out.write(text)
+                self.out.flush()
+                self.mid_line = True
+            await answer.result()
+        finally:
+            self.current = None
+            self.mid_line = False
+        self.out.write("\n" + format_stats(answer) + "\n")
+        self.out.flush()
+        terminal = answer.terminal or {}
+        if terminal.get("type") == "done" and terminal.get("finish_reason") != "cancelled":
+            self.history += [turn, {"role": "assistant", "content": answer.text}]
+
+
+async def run_chat(url: str, token: str | None, *, auth: Any = "subprotocol", max_tokens: int | None = None,
+                   stdin_fd: int | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    async with GatewayClient(url, token, auth=auth) as client:
+        chat = Chat(client, max_tokens=max_tokens, out=out, err=err)
+        client.on_state = chat.on_state
+        client.on_error = chat.on_error
+        err.write(f"[connecting to {url}]\n")
+        err.flush()
+        try:
+            hello = await client.wait_open()
+        except GatewayError as exc:
+            err.write(f"[{exc}]\n")
+            return 1
+        err.write(f"[connected as {hello.get('user')}. Enter sends; Ctrl-C cancels an answer; "
+                  "Ctrl-C at the prompt or Ctrl-D quits]\n")
+        err.flush()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, chat.interrupt)
+        try:
+            with LineReader(sys.stdin.fileno() if stdin_fd is None else stdin_fd) as lines:
+                async with anyio.create_task_group() as tg:
+                    async def converse() -> None:
+                        await chat.converse(lines)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(converse)
+                    await chat.quit.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        if chat.mid_line:
+            out.write("\n")
+        out.flush()
+        closed_by_server = client.closed
+    return 1 if closed_by_server else 0

@@ -1,0 +1,659 @@
+"""An async Python client for the gateway, on the ``websockets`` library.
+
+``GatewayClient`` keeps one connection open and hides drops from its callers: it answers
+the server's pings, reconnects with exponential backoff and jitter (1 s up to 30 s, never
+after a close that retrying cannot fix, such as 1008), and on every reconnect resumes each
+running generation from the last ``seq`` it received. Guarantee to a caller iterating a
+``Generation``: each token's text is yielded exactly once and in order, across any number
+of reconnects, or the generation ends with an ``error`` terminal frame saying why not.
+
+    async with GatewayClient("ws://127.0.0.1:8000/ws", token) as client:
+        answer = await client.generate("Hello there", max_tokens=64)
+        async for text in answer:
+            print(text, end="", flush=True)
+        terminal = await answer.result()
+
+The bookkeeping of streams (``Streams``) does no I/O: it takes the frames that arrive and
+returns the frames to send, so it is testable without a network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import anyio.abc
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
+
+from gateway.errors import CloseCode
+
+logger = logging.getLogger("gateway.client")
+
+PROTOCOL = "gateway.v1"
+BEARER_PREFIX = "bearer."
+MIN_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+# Without any frame for this many heartbeat intervals, the connection is taken as dead.
+HEARTBEAT_MISSES = 3
+
+AuthMode = Literal["subprotocol", "header", "query", "message"]
+TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+State = Literal["connecting", "open", "reconnecting", "closed"]
+
+# Error codes the client itself puts in a generation's terminal frame.
+DISCONNECTED = "disconnected"  # the connection closed for good before the generation ended
+STREAM_LOST = "stream_lost"  # the server no longer has this generation (its id was reused)
+
+_NO_RETRY_CODES = frozenset({CloseCode.NORMAL, CloseCode.POLICY, CloseCode.TOO_BIG})
+
+CLOSE_REASONS: dict[int, str] = {
+    1000: "closed normally",
+    1001: "the server is shutting down",
+    1006: "the connection dropped (network)",
+    1008: "authentication refused, token expired, or policy violated",
+    1009: "a frame was larger than the server accepts",
+    1011: "internal server error",
+    1013: "the server is full or this user has too many connections",
+    4000: "heartbeat timeout: nothing was heard for too long",
+    4003: "slow consumer: frames were not read fast enough",
+}
+
+
+def should_reconnect(code: int | None) -> bool:
+    """Whether a close with ``code`` is worth a reconnect (None: no close frame, a drop)."""
+    return code is None or code not in _NO_RETRY_CODES
+
+
+def backoff_delay(attempt: int, *, minimum: float = MIN_BACKOFF_S, maximum: float = MAX_BACKOFF_S,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0 for the first): uniform between
+    ``minimum`` and an exponentially growing ceiling capped at ``maximum``. The jitter
+    spreads the reconnects of many clients that lost the same server."""
+    ceiling = min(maximum, minimum * 2 ** (min(attempt, 30) + 1))
+    return (rng or random).uniform(minimum, ceiling)
+
+
+def describe_close(code: int | None, reason: str = "") -> str:
+    text = CLOSE_REASONS.get(code or 1006, "closed")
+    return f"{code or 1006}: {text}" + (f" ({reason})" if reason else "")
+
+
+def new_stream_id() -> str:
+    return "py-" + secrets.token_hex(8)
+
+
+def _dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def _cancelled(stream_id: str) -> dict[str, Any]:
+    """The terminal frame of a generation cancelled before the server heard of it."""
+    return {"type": "done", "id": stream_id, "finish_reason": "cancelled",
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+
+
+# The bookkeeping: no I/O -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class StreamState:
+    """What the client knows of one generation it asked for."""
+
+    id: str
+    request: dict[str, Any]
+    sent: bool = False  # the generate frame went out on some connection
+    epoch: str | None = None  # from its start frame; None until started
+    last_seq: int = -1
+    resuming: bool = False  # a resume is in flight on the current connection
+    cancel_requested: bool = False
+    terminal: dict[str, Any] | None = None
+    texts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Text for a generation, or its terminal frame."""
+
+    stream: StreamState
+    text: str | None = None
+    terminal: dict[str, Any] | None = None
+
+
+class Streams:
+    """Turns inbound frames into deliveries and says what to send; never does I/O.
+
+    Every method returns the frames the caller must send, in order. Guarantees: a token
+    frame whose ``seq`` is not beyond what was delivered is dropped, so a replay never
+    delivers text twice; a resume always asks for what follows the last delivered ``seq``,
+    so nothing is skipped; every stream gets exactly one terminal delivery.
+    """
+
+    def __init__(self) -> None:
+        self.streams: dict[str, StreamState] = {}
+        self.connected = False
+
+    def add(self, stream: StreamState) -> list[str]:
+        if stream.id in self.streams:
+            raise ValueError("a generation with this id is already running on this client")
+        self.streams[stream.id] = stream
+        if not self.connected:
+            return []
+        stream.sent = True
+        return [_dumps(stream.request)]
+
+    def cancel(self, stream_id: str) -> tuple[list[Delivery], list[str]]:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.cancel_requested:
+            return [], []
+        stream.cancel_requested = True
+        if not stream.sent:  # the server never heard of it
+            return [self._end(stream, _cancelled(stream.id))], []
+        return [], [_dumps({"type": "cancel", "id": stream_id})] if self.connected else []
+
+    def on_open(self) -> list[str]:
+        """A new connection said hello: resume what was running, send what was waiting."""
+        self.connected = True
+        out: list[str] = []
+        for stream in self.streams.values():
+            if stream.sent:
+                # Also for a generate with no start yet: the server may never have got it,
+                # and a ``not_found`` answer makes it go out again (see ``on_frame``).
+                stream.resuming = True
+                out.append(_dumps({"type": "resume", "id": stream.id, "after": stream.last_seq}))
+                if stream.cancel_requested:
+                    out.append(_dumps({"type": "cancel", "id": stream.id}))
+            else:
+                stream.sent = True
+                out.append(_dumps(stream.request))
+        return out
+
+    def on_close(self, final: bool, reason: str = "") -> list[Delivery]:
+        """The connection is gone; with ``final`` no other will come, so streams end here."""
+        self.connected = False
+        for stream in self.streams.values():
+            stream.resuming = False
+        if not final:
+            return []
+        message = "the connection closed before the generation ended" + (f": {reason}" if reason else "")
+        return [self._end(stream, {"type": "error", "id": stream.id, "code": DISCONNECTED, "message": message})
+                for stream in list(self.streams.values())]
+
+    def on_frame(self, frame: dict[str, Any]) -> tuple[list[Delivery], list[str]]:
+        kind = frame.get("type")
+        frame_id = frame.get("id")
+        stream = self.streams.get(frame_id) if isinstance(frame_id, str) else None
+        if stream is None:
+            return [], []
+        if kind == "token":
+            seq, text = frame.get("seq"), frame.get("text")
+            if not isinstance(seq, int) or not isinstance(text, str) or seq <= stream.last_seq:
+                return [], []
+            stream.last_seq = seq
+            stream.texts.append(text)
+            return [Delivery(stream, text=text)], []
+        if kind == "start":
+            epoch = frame.get("epoch")
+            if frame.get("resumed"):
+                stream.resuming = False
+                if stream.epoch is not None and epoch != stream.epoch:
+                    # Another generation under the same id: ours ended and expired meanwhile.
+                    lost = {"type": "error", "id": stream.id, "code": STREAM_LOST,
+                            "message": "the generation is no longer available on the server"}
+                    return [self._end(stream, lost)], []
+            if isinstance(epoch, str):
+                stream.epoch = epoch
+            return [], []
+        if kind == "done":
+            return [self._end(stream, frame)], []
+        if kind == "error":
+            if stream.resuming and frame.get("code") == "not_found" and stream.epoch is None:
+                # The generate never reached the server: send it now.
+                stream.resuming = False
+                if stream.cancel_requested:
+                    return [self._end(stream, _cancelled(stream.id))], []
+                return [], [_dumps(stream.request)]
+            if stream.cancel_requested and frame.get("code") == "not_found" and not stream.resuming:
+                return [], []  # a cancel that crossed the terminal frame; that frame is on its way
+            return [self._end(stream, frame)], []
+        return [], []
+
+    def _end(self, stream: StreamState, frame: dict[str, Any]) -> Delivery:
+        stream.terminal = frame
+        self.streams.pop(stream.id, None)
+        return Delivery(stream, terminal=frame)
+
+
+# The async client ---------------------------------------------------------------------------
+
+
+class Generation:
+    """One answer: an async iterator of text, plus ``result()`` for its terminal frame.
+
+    The terminal frame is ``{"type":"done",…}`` or ``{"type":"error",…}``; the client adds
+    the codes ``disconnected`` and ``stream_lost`` to the server's.
+    """
+
+    def __init__(self, client: GatewayClient, state: StreamState) -> None:
+        self._client = client
+        self._state = state
+        self._chunks: deque[str] = deque()
+        self._wakeup = anyio.Event()
+        self._finished = anyio.Event()
+        self.created_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self._state.id
+
+    @property
+    def epoch(self) -> str | None:
+        return self._state.epoch
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        return "".join(self._state.texts)
+
+    @property
+    def terminal(self) -> dict[str, Any] | None:
+        return self._state.terminal
+
+    @property
+    def finish_reason(self) -> str | None:
+        terminal = self._state.terminal
+        return str(terminal.get("finish_reason")) if terminal and terminal.get("type") == "done" else None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens received: the last ``seq`` plus one."""
+        return self._state.last_seq + 1
+
+    def _deliver(self, delivery: Delivery) -> None:
+        if delivery.text is not None:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self._chunks.append(delivery.text)
+        if delivery.terminal is not None:
+            self.finished_at = time.monotonic()
+            self._finished.set()
+        self._wakeup.set()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._chunks:
+                return self._chunks.popleft()
+            if self._finished.is_set():
+                raise StopAsyncIteration
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+
+    async def result(self) -> dict[str, Any]:
+        """Wait for the terminal frame (without consuming the text)."""
+        await self._finished.wait()
+        assert self._state.terminal is not None
+        return self._state.terminal
+
+    async def cancel(self) -> None:
+        await self._client.cancel(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    state: State
+    code: int | None = None  # the close code that caused it, when there was one
+    reason: str = ""
+    delay_s: float | None = None  # for "reconnecting": when the next attempt starts
+    opened: bool = False  # for "reconnecting"/"closed": whether the lost connection had said hello
+
+
+class GatewayError(Exception):
+    """The client cannot continue: the token was refused or the client was closed."""
+
+
+class GatewayClient:
+    """See the module docstring. Use as ``async with GatewayClient(url, token) as client``.
+
+    ``token`` may be a function (sync or async) so that each reconnect can use a fresh one.
+    ``on_state`` is called with a ``StateChange`` on every change of ``state``; ``on_error``
+    with each error frame that belongs to no generation.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource | None = None,
+        *,
+        auth: AuthMode = "subprotocol",
+        reconnect: bool = True,
+        min_backoff_s: float = MIN_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        open_timeout_s: float = 10.0,
+        on_state: Callable[[StateChange], None] | None = None,
+        on_error: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.auth = auth
+        self.reconnect = reconnect
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.open_timeout_s = open_timeout_s
+        self.on_state = on_state
+        self.on_error = on_error
+        self.state: State = "connecting"
+        self.hello: dict[str, Any] | None = None
+        self.opens = 0  # connections that said hello, the first one included
+        self.last_close: tuple[int | None, str] | None = None
+        self._streams = Streams()
+        self._generations: dict[str, Generation] = {}
+        self._ws: ClientConnection | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self._state_changed: anyio.Event | None = None
+        self._send_lock: anyio.Lock | None = None
+        self.failure: BaseException | None = None
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> GatewayClient:
+        self._state_changed = anyio.Event()
+        self._send_lock = anyio.Lock()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._run)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+        assert self._task_group is not None
+        await self._task_group.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        """Cancel what is still running, close with 1000 and stop reconnecting."""
+        if self._closing:
+            return
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            with anyio.move_on_after(2), contextlib.suppress(ConnectionClosed, OSError):
+                for stream_id in list(self._streams.streams):
+                    await ws.send(_dumps({"type": "cancel", "id": stream_id}))
+                await ws.close(1000, "client closed")
+        self._finish_all("the client was closed")
+        self._set_state(StateChange("closed", code=1000))
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    @property
+    def closed(self) -> bool:
+        """True once the client stopped for good (closed by the caller or by the server)."""
+        return self._closing
+
+    async def wait_open(self) -> dict[str, Any]:
+        """Wait until a connection is open; returns its hello. Raises ``GatewayError`` when
+        the client closed for good instead."""
+        while self.state != "open":
+            if self.state == "closed":
+                raise GatewayError(self._closed_message())
+            await self.state_changed()
+        assert self.hello is not None
+        return self.hello
+
+    async def state_changed(self) -> None:
+        """Wait for the next change of ``state`` (or of the connection behind it)."""
+        assert self._state_changed is not None, "use the client as an async context manager"
+        await self._state_changed.wait()
+
+    def _closed_message(self) -> str:
+        if self.last_close is None:
+            return "the client is closed"
+        return "connection closed: " + describe_close(*self.last_close)
+
+    # Generations ------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[dict[str, str]] | None = None,
+        id: str | None = None,
+        **options: Any,
+    ) -> Generation:
+        """Start a generation (sent now, or as soon as a connection is open). ``options``
+        are the generate fields: ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``model``."""
+        if self._closing:
+            raise GatewayError(self._closed_message())
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt and messages")
+        stream_id = id or new_stream_id()
+        frame: dict[str, Any] = {"type": "generate", "id": stream_id}
+        if prompt is not None:
+            frame["prompt"] = prompt
+        else:
+            frame["messages"] = [dict(m) for m in messages or ()]
+        frame.update({k: v for k, v in options.items() if v is not None})
+        state = StreamState(stream_id, frame)
+        generation = Generation(self, state)
+        out = self._streams.add(state)
+        self._generations[stream_id] = generation
+        await self._send_all(out)
+        return generation
+
+    async def cancel(self, stream_id: str) -> None:
+        """Ask the server to stop a generation; its terminal frame comes as usual
+        (``done`` with ``finish_reason`` ``cancelled``)."""
+        deliveries, out = self._streams.cancel(stream_id)
+        self._deliver(deliveries)
+        await self._send_all(out)
+
+    @property
+    def running(self) -> list[Generation]:
+        return [self._generations[i] for i in self._streams.streams if i in self._generations]
+
+    # Connection loop --------------------------------------------------------------------
+
+    async def _token_value(self) -> str | None:
+        token = self._token
+        if token is None or isinstance(token, str):
+            return token
+        value = token()
+        if inspect.isawaitable(value):
+            value = await value
+        return str(value)
+
+    async def _open(self) -> ClientConnection:
+        token = await self._token_value()
+        url = self.url
+        headers: dict[str, str] = {}
+        subprotocols = [Subprotocol(PROTOCOL)]
+        if token is not None:
+            if self.auth == "subprotocol":
+                subprotocols.append(Subprotocol(BEARER_PREFIX + token))
+            elif self.auth == "header":
+                headers["Authorization"] = f"Bearer {token}"
+            elif self.auth == "query":
+                parts = urlsplit(url)
+                query = [*parse_qsl(parts.query), ("token", token)]
+                url = urlunsplit(parts._replace(query=urlencode(query)))
+        ws = await ws_connect(url, subprotocols=subprotocols, additional_headers=headers,
+                              open_timeout=self.open_timeout_s, max_size=2**24, logger=logger)
+        if token is not None and self.auth == "message":
+            await ws.send(_dumps({"type": "auth", "token": token}))
+        return ws
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            code: int | None = None
+            reason = ""
+            opened = False
+            fatal = False
+            try:
+                ws = await self._open()
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                code, reason = CloseCode.POLICY if status in (401, 403) else None, f"HTTP {status}"
+                fatal = status in (401, 403)
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                reason = type(exc).__name__
+            except InvalidURI as exc:
+                self.failure = exc
+                code, reason, fatal = None, "invalid URL", True
+            else:
+                self._ws = ws
+                try:
+                    opened = await self._serve(ws)
+                finally:
+                    self._ws = None
+                    self._streams.connected = False
+                    with anyio.CancelScope(shield=True):
+                        await _discard(ws)
+                code, reason = ws.close_code, ws.close_reason or ""
+                if self.closed:
+                    return
+            if opened:
+                attempt = 0
+            self.last_close = (code, reason)
+            final = fatal or not self.reconnect or not should_reconnect(code) or self._closing
+            self._deliver(self._streams.on_close(final, describe_close(code, reason) if final else ""))
+            if final:
+                self._closing = True
+                self._finish_all(describe_close(code, reason))
+                self._set_state(StateChange("closed", code=code, reason=reason, opened=opened))
+                return
+            delay = backoff_delay(attempt, minimum=self.min_backoff_s, maximum=self.max_backoff_s)
+            attempt += 1
+            self._set_state(StateChange("reconnecting", code=code, reason=reason, delay_s=delay, opened=opened))
+            await anyio.sleep(delay)
+            self._set_state(StateChange("connecting"))
+
+    async def _serve(self, ws: ClientConnection) -> bool:
+        """Read frames until the connection ends; True when it got as far as the hello."""
+        opened = False
+        try:
+            with anyio.fail_after(self.open_timeout_s):
+                hello = json.loads(await ws.recv())
+            if not isinstance(hello, dict) or hello.get("type") != "hello":
+                await ws.close(1002, "expected hello")
+                return False
+            self.hello = hello
+            opened = True
+            self.opens += 1
+            heartbeat = hello.get("heartbeat_s")
+            silence = max(float(heartbeat) * HEARTBEAT_MISSES, 5.0) if isinstance(heartbeat, int | float) else None
+            out = self._streams.on_open()
+            self._set_state(StateChange("open"))
+            await self._send_all(out)
+            while True:
+                with anyio.move_on_after(silence) as quiet:
+                    message = await ws.recv()
+                if quiet.cancelled_caught:
+                    # A half-open connection: nothing, not even the server's ping. A close
+                    # handshake would wait for a peer that is gone: ``_discard`` aborts it.
+                    break
+                try:
+                    frame = json.loads(message)
+                except ValueError:
+                    continue
+                if isinstance(frame, dict):
+                    await self._on_frame(ws, frame)
+        except (ConnectionClosed, TimeoutError, OSError):
+            pass
+        return opened
+
+    async def _on_frame(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "ping":
+            await ws.send('{"type":"pong"}')
+            return
+        if kind == "error" and frame.get("id") is None:
+            if self.on_error is not None:
+                self.on_error(frame)
+            return
+        deliveries, out = self._streams.on_frame(frame)
+        self._deliver(deliveries)
+        await self._send_all(out)
+
+    async def _send_all(self, frames: list[str]) -> None:
+        ws = self._ws
+        if not frames or ws is None or not self._streams.connected:
+            return
+        assert self._send_lock is not None
+        # A send that fails because the connection just dropped is retried by the resume
+        # logic of the next connection (the stream is marked sent, so it is resumed).
+        with contextlib.suppress(ConnectionClosed, OSError):
+            async with self._send_lock:
+                for text in frames:
+                    await ws.send(text)
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            generation = self._generations.get(delivery.stream.id)
+            if generation is None or generation._state is not delivery.stream:
+                continue
+            generation._deliver(delivery)
+            if delivery.terminal is not None:
+                del self._generations[delivery.stream.id]
+
+    def _finish_all(self, reason: str) -> None:
+        self._deliver(self._streams.on_close(final=True, reason=reason))
+
+    def _set_state(self, change: StateChange) -> None:
+        if change.state == self.state and change.state in ("closed", "open"):
+            return
+        self.state = change.state
+        if self._state_changed is not None:
+            self._state_changed.set()
+            self._state_changed = anyio.Event()
+        if self.on_state is not None:
+            self.on_state(change)
+
+
+async def _discard(ws: ClientConnection) -> None:
+    """Close a connection that is done with, without waiting long for a peer that may be gone."""
+    with anyio.move_on_after(1.0), contextlib.suppress(ConnectionClosed, OSError):
+        await ws.close(1000, "")
+    if ws.transport is not None and not ws.transport.is_closing():
+        ws.transport.abort()
+
+
+def connect(url: str, token: TokenSource | None = None, **options: Any) -> GatewayClient:
+    """``async with connect(url, token) as client``: a ``GatewayClient``."""
+    return GatewayClient(url, token, **options)
+
+
+__all__ = [
+    "CLOSE_REASONS",
+    "DISCONNECTED",
+    "STREAM_LOST",
+    "Delivery",
+    "GatewayClient",
+    "GatewayError",
+    "Generation",
+    "StateChange",
+    "StreamState",
+    "Streams",
+    "backoff_delay",
+    "connect",
+    "describe_close",
+    "should_reconnect",
+]
