@@ -56,6 +56,7 @@ from gateway.protocol import (
     encode_presence,
     encode_room_ack,
     encode_start,
+    encode_tokens,
     parse_client_frame,
 )
 from gateway.server import TRANSPORT_EXTENSION, TransportControl
@@ -118,7 +119,8 @@ class Connection:
         self.follows: dict[str, Follow | RemoteFollow] = {}
         self.rooms: set[str] = set()
         self._cancel_answers: set[str] = set()
-        self._overflow: deque[str] = deque()
+        self._overflow: deque[Frame] = deque()
+        self._overflow_drained = anyio.Event()
         self._wake_timer = anyio.Event()
         self._closing = anyio.Event()
         self._writer_done = anyio.Event()
@@ -192,6 +194,8 @@ class Connection:
         finally:
             self._send_queue.close()
             self._receive_queue.close()
+            self._overflow.clear()
+            self._overflow_drained.set()  # a producer waiting on it finds the queue closed
             self._detach_all()
             with anyio.CancelScope(shield=True):
                 await self._close_socket()
@@ -286,7 +290,12 @@ class Connection:
     # Send queue -----------------------------------------------------------------------------
 
     async def put(self, item: OutItem) -> None:
-        """A generation's producer puts its frames here (``Sink``)."""
+        """A generation's producer puts its frames here (``Sink``). It waits while frames
+        wait in the overflow: those are older and go out first."""
+        while self._overflow:
+            if self._closing.is_set():
+                raise ClosedResourceError
+            await self._overflow_drained.wait()
         await self._put(item)
 
     def follow_ended(self, follow: Follow) -> None:
@@ -295,7 +304,7 @@ class Connection:
         if follow.live and self.follows.get(follow.generation.id) is follow:
             del self.follows[follow.generation.id]
 
-    def push(self, frame: str) -> None:
+    def push(self, frame: str, stream: StreamRef | None = None) -> None:
         """Deliver a frame that must not wait (a broadcast, room frames).
 
         A full send queue is the normal state while a generation outpaces the socket, so
@@ -304,14 +313,26 @@ class Connection:
         overflow that is full too closes the connection (4003) at once."""
         if self._closing.is_set():
             return
-        if not self._overflow and self._put_nowait(Frame(None, frame)):
+        # ``stream`` marks a generation's own frame, so coalescing never moves its tokens
+        # across it.
+        item = Frame(stream, frame)
+        if not self._overflow and self._put_nowait(item):
             return
         if len(self._overflow) >= self.settings.send_queue_size:
             self._slow_consumer()
             return
-        self._overflow.append(frame)
+        if not self._overflow:
+            self._overflow_drained = anyio.Event()
+        self._overflow.append(item)
         if self.liveness.queue_full(anyio.current_time()):
             self._wake_timer.set()
+
+    def push_item(self, item: OutItem) -> None:
+        """A generation's frame for a follower that must not hold the producer back."""
+        if type(item) is Token:
+            self.push(encode_tokens(item.stream.id_json, item.seq, item.text), item.stream)
+        else:
+            self.push(item.text, item.stream)
 
     def push_room(self, frames: list[Any]) -> None:
         """Room fan-out never blocks the producer (see ``push``)."""
@@ -373,8 +394,9 @@ class Connection:
                 overflow = self._overflow
                 sent = len(frames)
                 while overflow:
-                    await send({"type": "websocket.send", "text": overflow.popleft()})
+                    await send({"type": "websocket.send", "text": overflow.popleft().text})
                     sent += 1
+                self._overflow_drained.set()
                 metrics.frames_sent.inc(sent)
                 if tokens:
                     metrics.tokens_sent.inc(tokens)

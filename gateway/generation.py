@@ -58,6 +58,8 @@ class Sink(Protocol):
 
     async def put(self, item: OutItem) -> None: ...
 
+    def push_item(self, item: OutItem) -> None: ...
+
     def follow_ended(self, follow: Follow) -> None: ...
 
 
@@ -75,6 +77,12 @@ class Follow:
     live: bool = True
     backlog: list[OutItem] = field(default_factory=list)
     ended: anyio.Event = field(default_factory=anyio.Event)
+
+    def deliver_nowait(self, item: OutItem) -> None:
+        if not self.live:
+            self.backlog.append(item)
+        else:
+            self.sink.push_item(item)
 
     async def deliver(self, item: OutItem) -> bool:
         """False when the follower is gone (its queue closed)."""
@@ -224,9 +232,16 @@ class Generation:
                                     if not await only.deliver(item):
                                         self.detach(only)
                                 else:
-                                    for follow in tuple(follows):
-                                        if not await follow.deliver(item):
-                                            self.detach(follow)
+                                    # Several connections follow (a resume while the old
+                                    # socket is not yet known dead, or two tabs): only the
+                                    # newest applies backpressure; the others must keep up
+                                    # or are closed as slow consumers, so a dead socket
+                                    # cannot stall a live one.
+                                    *others, newest = follows
+                                    for follow in others:
+                                        follow.deliver_nowait(item)
+                                    if not await newest.deliver(item):
+                                        self.detach(newest)
                             count += 1
                             if count >= request.max_tokens:
                                 finish = await self._finish_after_limit(iterator)

@@ -271,3 +271,27 @@ async def test_a_broadcast_to_a_client_whose_queue_is_full_waits_instead_of_clos
     assert stream_text(frames, "busy").endswith("".join(synthetic_tokens("b", 100000))[-200:])
     assert frames[-1]["type"] == "done"
     assert server.metric('gateway_closes_total{reason="slow_consumer"}') == 0
+
+
+async def test_a_dead_follower_does_not_stall_a_resumed_one() -> None:
+    """A resume while the server still believes the old socket alive: two followers."""
+    from tests.support import RawClient
+
+    settings = make_settings(backend="synthetic", synthetic_tokens_per_s=0, max_tokens=20000, send_queue_size=8,
+                             socket_send_buffer_bytes=16384, resume_grace_s=10, slow_consumer_timeout_s=60)
+    with ServerThread(settings) as server:
+        dead = RawClient(server.port, mint("quin"), recv_buffer=4096)
+        try:
+            dead.send_json({"type": "generate", "id": "both", "prompt": "d", "max_tokens": 20000})
+            with anyio.fail_after(10):
+                while server.metric("gateway_active_generations") != 1:
+                    await anyio.sleep(0.01)
+            async with ws_connect(server.url, mint("quin")) as ws:
+                await recv_json(ws)
+                await ws.send(json.dumps({"type": "resume", "id": "both", "after": -1}))
+                # Far sooner than the 60 s it would take to close the dead one as slow.
+                frames = await recv_until(ws, terminal_for("both"), timeout=30)
+        finally:
+            dead.close()
+    assert frames[-1]["type"] == "done"
+    assert stream_text(frames, "both") == "".join(synthetic_tokens("d", 20000))
