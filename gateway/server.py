@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from config import Settings
 from gateway.logs import logging_config
@@ -50,6 +51,24 @@ class TransportControl:
     def buffered_bytes(self) -> int:
         transport = self._protocol.transport
         return transport.get_write_buffer_size() if transport is not None else 0
+
+    def send_texts(self, texts: list[str]) -> bool:
+        """Write text frames now, in one ``write``, if the socket takes data without waiting.
+        False, with nothing written, when it is paused above its high-water mark, closing or
+        gone: the caller then sends through ASGI, which waits or reports the disconnect.
+
+        This is the writer's path per frame: it skips the ASGI message dict, starlette's
+        state checks and uvicorn's ``writable.wait()``, which cost more than the frame."""
+        protocol = self._protocol
+        transport = protocol.transport
+        conn = protocol.conn
+        if (protocol.close_sent or protocol.disconnected or conn.state is not State.OPEN
+                or not protocol.writable.is_set() or transport is None or transport.is_closing()):
+            return False
+        for text in texts:
+            conn.send_text(text.encode())
+        transport.write(b"".join(conn.data_to_send()))
+        return True
 
     def force_close(self, code: int, reason: str = "") -> None:
         """Queue a close frame without waiting for the send buffer, then close the socket;
@@ -180,6 +199,33 @@ def worker_app() -> Any:
     return create_app(Settings())
 
 
+class _HoldBack(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _bind_then_announce(config: uvicorn.Config) -> socket.socket:
+    """Bind and listen, so connections made while the workers start wait in the backlog;
+    only then log uvicorn's "running on" line, which it writes from ``bind_socket`` before
+    anything listens (a client that connects on seeing it would be refused)."""
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    held = _HoldBack()
+    uvicorn_logger.addFilter(held)
+    try:
+        sock = config.bind_socket()
+    finally:
+        uvicorn_logger.removeFilter(held)
+    sock.listen(config.backlog)
+    for record in held.records:
+        uvicorn_logger.handle(record)
+    return sock
+
+
 class ConfigurationError(RuntimeError):
     pass
 
@@ -223,9 +269,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
         config = uvicorn_config(
             "gateway.server:worker_app", settings, host=host, port=port, factory=True, workers=settings.workers
         )
-        sock = config.bind_socket()
-        # Listen now, so connections made while the workers start wait in the backlog.
-        sock.listen(config.backlog)
+        sock = _bind_then_announce(config)
         run_workers(config, [sock], settings.workers, settings.drain_timeout_s)
         return
     app = create_app(settings)
