@@ -1,6 +1,8 @@
-"""One authenticated WebSocket connection: reader, writer, timer and its generations.
+"""One authenticated WebSocket connection: reader, writer, deadlines and its generations.
 
-All of them run in one task group owned by ``Connection.serve``. Ownership rules:
+The reader and writer run in one task group owned by ``Connection.serve``; the deadlines
+(heartbeat pings, staleness, slow consumer, token expiry) in the hub's timer, which calls
+``Connection.on_deadline``. Ownership rules:
 
 - Only the writer task writes frames to the socket, in queue order. Everything else puts
   items into the bounded send queue; a producer that finds it full waits, which pauses its
@@ -14,6 +16,7 @@ All of them run in one task group owned by ``Connection.serve``. Ownership rules
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -24,7 +27,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from anyio import ClosedResourceError, EndOfStream, WouldBlock
+from anyio import ClosedResourceError
 from starlette import websockets as starlette_websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -93,7 +96,128 @@ class RemoteFollow:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
+class SendQueue:
+    """A connection's bounded send queue: producers put items, the writer takes all that
+    are waiting at once.
+
+    It stands in for an anyio memory object stream with the same bounds (``put_nowait``
+    refuses and ``put`` waits while ``limit`` items are queued; both raise
+    ``ClosedResourceError`` once it is closed) because the writer always takes everything
+    waiting, which swapping a list does in O(1), and because an idle connection then holds
+    one empty list instead of a stream pair with its deque and waiter dicts. Waiting uses
+    bare event-loop futures, created only while someone waits: the gateway runs on
+    asyncio (uvicorn), where anyio's cancel scopes cancel such a wait like any other.
+    """
+
+    __slots__ = ("_getter", "_putters", "closed", "items", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: list[OutItem] = []
+        self.closed = False
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: OutItem) -> bool:
+        """False when full."""
+        if self.closed:
+            raise ClosedResourceError
+        items = self.items
+        if len(items) >= self.limit:
+            return False
+        items.append(item)
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+        return True
+
+    async def put(self, item: OutItem) -> None:
+        while not self.put_nowait(item):
+            waiter = asyncio.get_running_loop().create_future()
+            if self._putters is None:
+                self._putters = []
+            self._putters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if self._putters is not None and waiter in self._putters:
+                    self._putters.remove(waiter)
+
+    def take_all(self) -> list[OutItem]:
+        items = self.items
+        self.items = []
+        self._wake_putters()
+        return items
+
+    async def wait(self) -> None:
+        """Until an item is queued, the queue is closed or ``nudge`` is called."""
+        if self.items or self.closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._getter = waiter
+        try:
+            await waiter
+        finally:
+            if self._getter is waiter:
+                self._getter = None
+
+    def nudge(self) -> None:
+        getter = self._getter
+        if getter is not None:
+            self._getter = None
+            if not getter.done():
+                getter.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        self.nudge()
+        self._wake_putters()
+
+    def _wake_putters(self) -> None:
+        putters = self._putters
+        if putters:
+            self._putters = None
+            for waiter in putters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
 class Connection:
+    """What one connection holds while it is idle is kept small on purpose (a process may
+    hold tens of thousands): its deadlines live in the hub's timer, its writer task runs
+    only while there is something to write or a generation to follow, and the reader runs
+    in the task that serves the connection."""
+
+    __slots__ = (
+        "_cancel_answers",
+        "_final_frames",
+        "_generation_terminal",
+        "_graceful",
+        "_overflow",
+        "_overflow_drained",
+        "_queue",
+        "_reader_scope",
+        "_socket_gone",
+        "_task_group",
+        "_writer_exited",
+        "_writer_running",
+        "close_code",
+        "close_reason",
+        "closing",
+        "follows",
+        "hub",
+        "liveness",
+        "principal",
+        "rooms",
+        "session_id",
+        "settings",
+        "transport",
+        "user",
+        "websocket",
+    )
+
     def __init__(self, hub: Hub, websocket: WebSocket, principal: Principal, session_id: str) -> None:
         self.hub = hub
         self.settings = hub.settings
@@ -104,7 +228,7 @@ class Connection:
         transport = websocket.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
         self.transport: TransportControl | None = transport if isinstance(transport, TransportControl) else None
         settings = self.settings
-        self._send_queue, self._receive_queue = anyio.create_memory_object_stream[OutItem](settings.send_queue_size)
+        self._queue = SendQueue(settings.send_queue_size)
         now = anyio.current_time()
         expires_at = None
         if principal.expires_at is not None:
@@ -118,13 +242,16 @@ class Connection:
         )
         self.follows: dict[str, Follow | RemoteFollow] = {}
         self.rooms: set[str] = set()
+        self.closing = False
+        self._reader_scope: anyio.CancelScope | None = None
         self._cancel_answers: set[str] = set()
+        # Frames that must not wait (broadcasts, room frames, extra followers) when the
+        # queue is full; see ``push``.
         self._overflow: deque[Frame] = deque()
         self._overflow_drained = anyio.Event()
-        self._wake_timer = anyio.Event()
-        self._closing = anyio.Event()
-        self._writer_done = anyio.Event()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._writer_running = False
+        self._writer_exited: anyio.Event | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self._graceful = False
@@ -164,36 +291,32 @@ class Connection:
         )
 
     async def serve(self) -> None:
-        """Run the connection until it closes, then close the socket. Never raises."""
+        """Run the connection until it closes, then close the socket. Never raises.
+
+        The reader runs here, inside a cancel scope that ends it when the connection must
+        close: at once for an abrupt close, after the flush for a graceful one."""
         self._put_nowait(Frame(None, await self.hello_frame()))
         try:
-            # The writer outlives everything else that puts frames, so a graceful close can
-            # stop the others, queue the last frames, and let the writer flush them.
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self._writer)
-                # A graceful close gets GRACEFUL_FLUSH_TIMEOUT_S from its start to finish.
-                with anyio.CancelScope() as flush_scope:
-                    async with anyio.create_task_group() as tg:
-                        self._task_group = tg
-                        tg.start_soon(self._timer)
-                        tg.start_soon(self._reader)
-                        await self._closing.wait()
-                        if self._graceful:
-                            flush_scope.deadline = anyio.current_time() + GRACEFUL_FLUSH_TIMEOUT_S
-                            await self._end_followed_generations()
-                        tg.cancel_scope.cancel()
-                    if self._graceful:
-                        for frame in self._final_frames:
-                            await self._put(Frame(None, frame))
-                        self._send_queue.close()
-                        await self._writer_done.wait()
-                outer.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                self._reader_scope = scope = anyio.CancelScope()
+                self._start_writer()
+                if self.closing:  # decided while the hello was being prepared
+                    self._on_close_requested()
+                else:
+                    self.hub.watch(self, self.liveness.next_deadline())
+                with scope:
+                    if self.closing:
+                        await anyio.sleep_forever()
+                    await self._reader()
+                tg.cancel_scope.cancel()
         except Exception:
             logger.exception("conn=%s user=%s internal error", self.session_id, self.user)
             self._request_close(CloseCode.INTERNAL, "internal error")
         finally:
-            self._send_queue.close()
-            self._receive_queue.close()
+            self._task_group = None
+            self.hub.unwatch(self)
+            self._queue.close()
             self._overflow.clear()
             self._overflow_drained.set()  # a producer waiting on it finds the queue closed
             self._detach_all()
@@ -221,15 +344,31 @@ class Connection:
     ) -> None:
         """Decide how the connection ends; the first decision wins. ``code`` None means the
         client is gone and nothing more can be sent."""
-        if self._closing.is_set():
+        if self.closing:
             return
+        self.closing = True
         self.close_code = code
         self.close_reason = reason
         self._graceful = graceful and code is not None
         self._socket_gone = code is None
         self._generation_terminal = generation_terminal
         self._final_frames = list(final_frames)
-        self._closing.set()
+        self.hub.unwatch(self)
+        if self._task_group is not None:
+            self._on_close_requested()
+
+    def _on_close_requested(self) -> None:
+        if self._graceful:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._close_gracefully)
+        elif self._reader_scope is not None:
+            self._reader_scope.cancel()
+
+    async def _close_gracefully(self) -> None:
+        with anyio.move_on_after(GRACEFUL_FLUSH_TIMEOUT_S):
+            await self._finish_gracefully()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
 
     async def _end_followed_generations(self) -> None:
         """Graceful close: each followed generation ends with the closing reason's terminal
@@ -248,6 +387,16 @@ class Connection:
                     await self._put(Frame(None, frame))
         for follow in local:
             await follow.ended.wait()
+
+    async def _finish_gracefully(self) -> None:
+        await self._end_followed_generations()
+        for frame in self._final_frames:
+            await self._put(Frame(None, frame))
+        self._queue.close()
+        self._start_writer()
+        if self._writer_running:
+            self._writer_exited = exited = anyio.Event()
+            await exited.wait()
 
     async def _close_socket(self) -> None:
         code = self.close_code
@@ -293,7 +442,7 @@ class Connection:
         """A generation's producer puts its frames here (``Sink``). It waits while frames
         wait in the overflow: those are older and go out first."""
         while self._overflow:
-            if self._closing.is_set():
+            if self.closing:
                 raise ClosedResourceError
             await self._overflow_drained.wait()
         await self._put(item)
@@ -303,6 +452,8 @@ class Connection:
         # so a second resume of the same id cannot start meanwhile.
         if follow.live and self.follows.get(follow.generation.id) is follow:
             del self.follows[follow.generation.id]
+            if not self.follows:
+                self._queue.nudge()  # a waiting writer with nothing left to follow may stop
 
     def push(self, frame: str, stream: StreamRef | None = None) -> None:
         """Deliver a frame that must not wait (a broadcast, room frames).
@@ -311,7 +462,7 @@ class Connection:
         such frames wait in a bounded overflow that the writer sends after its current
         batch (keeping their order), and the slow-consumer clock runs meanwhile. Only an
         overflow that is full too closes the connection (4003) at once."""
-        if self._closing.is_set():
+        if self.closing:
             return
         # ``stream`` marks a generation's own frame, so coalescing never moves its tokens
         # across it.
@@ -325,7 +476,7 @@ class Connection:
             self._overflow_drained = anyio.Event()
         self._overflow.append(item)
         if self.liveness.queue_full(anyio.current_time()):
-            self._wake_timer.set()
+            self.hub.watch(self, self.liveness.next_deadline())
 
     def push_item(self, item: OutItem) -> None:
         """A generation's frame for a follower that must not hold the producer back."""
@@ -347,20 +498,22 @@ class Connection:
 
     def _put_nowait(self, item: OutItem) -> bool:
         try:
-            self._send_queue.send_nowait(item)
-            return True
-        except (WouldBlock, ClosedResourceError, anyio.BrokenResourceError):
+            if not self._queue.put_nowait(item):
+                return False
+        except ClosedResourceError:
             return False
+        if not self._writer_running:
+            self._start_writer()
+        return True
 
     async def _put(self, item: OutItem) -> None:
-        try:
-            self._send_queue.send_nowait(item)
-            return
-        except WouldBlock:
-            pass
-        if self.liveness.queue_full(anyio.current_time()):
-            self._wake_timer.set()
-        await self._send_queue.send(item)
+        queue = self._queue
+        if not queue.put_nowait(item):
+            if self.liveness.queue_full(anyio.current_time()):
+                self.hub.watch(self, self.liveness.next_deadline())
+            await queue.put(item)
+        if not self._writer_running:
+            self._start_writer()
 
     async def _send_error(self, stream_id: str | None, exc: GatewayError) -> None:
         self.hub.metrics.errors.labels(str(exc.code)).inc()
@@ -369,30 +522,38 @@ class Connection:
 
     # Tasks --------------------------------------------------------------------------------
 
+    def _start_writer(self) -> None:
+        if not self._writer_running and self._task_group is not None and (self._queue.items or self._queue.closed):
+            self._writer_running = True
+            self._task_group.start_soon(self._writer)
+
     async def _writer(self) -> None:
-        receive = self._receive_queue
+        """The only task that writes frames. It runs while frames are queued or while the
+        connection follows a generation (whose tokens come one wake-up at a time), and
+        stops when neither holds; the next frame queued starts it again."""
+        queue = self._queue
         send = self.websocket.send
+        transport = self.transport
         metrics = self.hub.metrics
-        batch_limit = self.settings.send_queue_size
+        liveness = self.liveness
         try:
             while True:
-                try:
-                    first = await receive.receive()
-                except EndOfStream:
-                    return
-                batch = [first]
-                while len(batch) < batch_limit:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (WouldBlock, EndOfStream):
-                        break
-                if self.liveness.queue_full_since is not None:
-                    self.liveness.queue_drained()
+                if not queue.items:
+                    if queue.closed or not self.follows:
+                        return
+                    await queue.wait()
+                    continue
+                batch = queue.take_all()
+                if liveness.queue_full_since is not None:
+                    liveness.queue_drained()
                 frames, tokens, merged = coalesce(batch)
-                for text in frames:
-                    await send({"type": "websocket.send", "text": text})
-                overflow = self._overflow
+                # Straight to the socket while it takes data without waiting; through ASGI
+                # (which waits for the transport to drain) otherwise.
+                if transport is None or not transport.send_texts(frames):
+                    for text in frames:
+                        await send({"type": "websocket.send", "text": text})
                 sent = len(frames)
+                overflow = self._overflow
                 while overflow:
                     await send({"type": "websocket.send", "text": overflow.popleft().text})
                     sent += 1
@@ -405,10 +566,13 @@ class Connection:
         except _SOCKET_GONE:
             self._request_close(None)
         finally:
-            self._writer_done.set()
+            self._writer_running = False
+            if self._writer_exited is not None:
+                self._writer_exited.set()
 
     async def _reader(self) -> None:
         receive = self.websocket.receive
+        liveness = self.liveness
         try:
             while True:
                 message = await receive()
@@ -418,7 +582,7 @@ class Connection:
                         self.hub.metrics.closes.labels("too_big").inc()
                     self._request_close(None)
                     return
-                self.liveness.inbound(anyio.current_time())
+                liveness.inbound(anyio.current_time())
                 text = message.get("text")
                 if text is None:
                     await self._send_error(
@@ -428,7 +592,14 @@ class Connection:
                         ),
                     )
                     continue
-                await self._handle_text(text)
+                if text == PONG_FRAME:  # the answer to a heartbeat: a sign of life, nothing to do
+                    continue
+                if self.closing:
+                    continue  # closing: nothing new is served, and the send queue may be closed
+                try:
+                    await self._handle_text(text)
+                except ClosedResourceError:
+                    continue
         except _SOCKET_GONE:
             self._request_close(None)
 
@@ -456,43 +627,39 @@ class Connection:
         except GatewayError as exc:
             await self._send_error(getattr(message, "id", None), exc)
 
-    async def _timer(self) -> None:
+    def on_deadline(self, now: float) -> float | None:
+        """Called by the hub's timer when ``liveness.next_deadline()`` has passed; returns
+        the next deadline, or None when the connection is closing."""
+        if self.closing:
+            return None
         liveness = self.liveness
-        while True:
-            if self.transport is not None:
-                liveness.inbound(self.transport.last_inbound)
-            now = anyio.current_time()
-            for due in liveness.poll(now):
-                if due is Due.SLOW_CONSUMER:
-                    self._slow_consumer()
-                    return
-                if due is Due.STALE:
-                    self._log(
-                        logging.INFO, "no sign of life for %.0fs: closing 4000", self.settings.heartbeat_timeout_s
-                    )
-                    self.hub.metrics.closes.labels("stale").inc()
-                    self._request_close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-                    return
-                if due is Due.TOKEN_EXPIRED:
-                    self._log(logging.INFO, "token expired: closing 1008")
-                    self.hub.metrics.closes.labels("token_expired").inc()
-                    message = "the access token has expired; reconnect with a new one"
-                    self._request_close(
-                        CloseCode.POLICY,
-                        "token expired",
-                        graceful=True,
-                        generation_terminal=(ErrorCode.TOKEN_EXPIRED, message),
-                        final_frames=(encode_error(None, ErrorCode.TOKEN_EXPIRED, message),),
-                    )
-                    return
-                if due is Due.SEND_PING:
-                    # A full queue means the connection is busy, and a ping would only wait.
-                    self._put_nowait(Frame(None, PING_FRAME))
-            delay = liveness.next_deadline() - anyio.current_time()
-            with anyio.move_on_after(max(delay, 0.0)):
-                await self._wake_timer.wait()
-            if self._wake_timer.is_set():
-                self._wake_timer = anyio.Event()
+        if self.transport is not None:
+            liveness.inbound(self.transport.last_inbound)
+        for due in liveness.poll(now):
+            if due is Due.SLOW_CONSUMER:
+                self._slow_consumer()
+                return None
+            if due is Due.STALE:
+                self._log(logging.INFO, "no sign of life for %.0fs: closing 4000", self.settings.heartbeat_timeout_s)
+                self.hub.metrics.closes.labels("stale").inc()
+                self._request_close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                return None
+            if due is Due.TOKEN_EXPIRED:
+                self._log(logging.INFO, "token expired: closing 1008")
+                self.hub.metrics.closes.labels("token_expired").inc()
+                message = "the access token has expired; reconnect with a new one"
+                self._request_close(
+                    CloseCode.POLICY,
+                    "token expired",
+                    graceful=True,
+                    generation_terminal=(ErrorCode.TOKEN_EXPIRED, message),
+                    final_frames=(encode_error(None, ErrorCode.TOKEN_EXPIRED, message),),
+                )
+                return None
+            if due is Due.SEND_PING:
+                # A full queue means the connection is busy, and a ping would only wait.
+                self._put_nowait(Frame(None, PING_FRAME))
+        return liveness.next_deadline()
 
     # Generations ------------------------------------------------------------------------
 
@@ -510,7 +677,7 @@ class Connection:
         stream_id = message.id or new_stream_id()
         if stream_id in self.follows or (self.user, stream_id) in hub.generations:
             raise GatewayError("a generation with this id is already running", code=ErrorCode.DUPLICATE_ID)
-        if hub.draining or self._closing.is_set():
+        if hub.draining or self.closing:
             raise GatewayError("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
         if message.room is None and len(self.follows) >= settings.max_streams_per_connection:
             raise GatewayError(f"at most {settings.max_streams_per_connection} generations per connection",
@@ -707,5 +874,12 @@ class Connection:
                                code=ErrorCode.INTERNAL) from None
 
     def _spawn(self, func: Any, *args: Any) -> None:
+        """A helper task in the connection's task group. A send queue closed under it (the
+        connection is closing) ends it quietly rather than failing the connection."""
         assert self._task_group is not None
-        self._task_group.start_soon(func, *args)
+
+        async def run() -> None:
+            with contextlib.suppress(ClosedResourceError):
+                await func(*args)
+
+        self._task_group.start_soon(run)

@@ -2,7 +2,9 @@
 parts (stream store, backplane, limits) and draining.
 
 The hub's task group (opened by the app's lifespan) owns every generation and every
-background loop; each background loop is supervised, so none dies silently.
+background loop; each background loop is supervised, so none dies silently. One of them is
+the heartbeat timer of every connection (``watch``): an idle connection holds no task of
+its own while it waits for its next ping or deadline.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gateway.backplane.base import Backplane, ControlMessage
 from gateway.errors import ErrorCode
 from gateway.generation import Generation
 from gateway.limits.base import LimitStore
+from gateway.liveness import Deadlines
 from gateway.metrics import Metrics
 from gateway.protocol import encode_broadcast, encode_error
 from gateway.store.base import StreamStore
@@ -30,6 +33,10 @@ if TYPE_CHECKING:
     from gateway.redis_support import RedisContext
 
 logger = logging.getLogger("gateway.hub")
+
+# Deadlines this close together are handled in one wake-up of the timer; a ping or a close
+# may be this much late, never early.
+TIMER_SLACK_S = 0.01
 
 _OUTCOMES = frozenset({"stop", "length", "cancelled", "abandoned", "error", "internal"} | {str(c) for c in ErrorCode})
 
@@ -57,6 +64,8 @@ class Hub:
         self._no_generations.set()
         self._no_connections = anyio.Event()
         self._no_connections.set()
+        self._deadlines: Deadlines[Connection] = Deadlines()
+        self._wake_timer = anyio.Event()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -69,6 +78,7 @@ class Hub:
             redis.on_state_change = lambda up: self.metrics.redis_up.set(1 if up else 0)
             await redis.start()
             task_group.start_soon(supervise, "redis heartbeat", redis.heartbeat)
+        task_group.start_soon(supervise, "connection timer", self._run_timer)
         await self.store.start()
         await self.backplane.start(self.handle_control)
         redis_context = self.redis
@@ -107,6 +117,36 @@ class Hub:
         self.metrics.connections.set(self.open_sockets)
         if self.open_sockets == 0:
             self._no_connections.set()
+
+    # Connection deadlines ------------------------------------------------------------------
+
+    def watch(self, connection: Connection, when: float) -> None:
+        """Call ``connection.on_deadline(now)`` at ``when``, or earlier if it was due earlier."""
+        if self._deadlines.schedule(connection, when):
+            self._wake_timer.set()
+
+    def unwatch(self, connection: Connection) -> None:
+        self._deadlines.remove(connection)
+
+    async def _run_timer(self) -> None:
+        deadlines = self._deadlines
+        while True:
+            delay = deadlines.next_at() + TIMER_SLACK_S - anyio.current_time()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake_timer.wait()
+                if self._wake_timer.is_set():
+                    self._wake_timer = anyio.Event()
+                continue
+            now = anyio.current_time()
+            for connection in deadlines.pop_due(now):
+                try:
+                    when = connection.on_deadline(now)
+                except Exception:
+                    logger.exception("conn=%s deadline handling failed", connection.session_id)
+                    continue
+                if when is not None:
+                    deadlines.schedule(connection, when)
 
     # Generations ----------------------------------------------------------------------------
 

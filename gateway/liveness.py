@@ -1,15 +1,22 @@
 """Per-connection deadlines, with the clock injected: no I/O and no sleeping here.
 
-The connection's timer task asks ``next_deadline()`` how long it may sleep and calls
-``poll(now)`` when it wakes; ``poll`` says what is due. Everything that moves a deadline
-(an inbound frame, the send queue filling or draining) is reported with the time it
-happened, so tests drive it with plain numbers.
+One timer per process (the hub's) keeps every connection in a ``Deadlines`` heap keyed by
+``Liveness.next_deadline()`` and calls ``poll(now)`` when a connection's deadline passes;
+``poll`` says what is due. Everything that moves a deadline (an inbound frame, the send
+queue filling or draining) is reported with the time it happened, so tests drive it with
+plain numbers.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
+from collections.abc import Hashable
 from enum import Enum
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 class Due(Enum):
@@ -20,6 +27,16 @@ class Due(Enum):
 
 
 class Liveness:
+    __slots__ = (
+        "heartbeat_interval_s",
+        "heartbeat_timeout_s",
+        "last_inbound",
+        "next_ping_at",
+        "queue_full_since",
+        "slow_consumer_timeout_s",
+        "token_expires_at",
+    )
+
     def __init__(
         self,
         *,
@@ -82,6 +99,56 @@ class Liveness:
             while self.next_ping_at <= now:
                 self.next_ping_at += self.heartbeat_interval_s
         return due
+
+
+class Deadlines(Generic[K]):
+    """When each key is next due, as one heap for any number of keys: a process holding
+    10,000 idle connections runs one timer instead of 10,000 sleeping tasks.
+
+    ``schedule`` only ever moves a key's deadline earlier or sets it after ``pop_due``; a
+    deadline that moved later (the usual case: an inbound frame postpones staleness) is
+    left in place, and the key is simply polled once at the old time and rescheduled.
+    Superseded heap entries are skipped when they surface.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, K]] = []
+        self._due: dict[K, float] = {}
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def schedule(self, key: K, when: float) -> bool:
+        """Make ``key`` due at ``when`` unless it is due earlier already. True when this is
+        now the earliest deadline of all (the timer must wake sooner)."""
+        current = self._due.get(key)
+        if current is not None and current <= when:
+            return False
+        self._due[key] = when
+        heapq.heappush(self._heap, (when, next(self._order), key))
+        return self._heap[0][2] is key and self._heap[0][0] == when
+
+    def remove(self, key: K) -> None:
+        self._due.pop(key, None)
+
+    def next_at(self) -> float:
+        heap = self._heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def pop_due(self, now: float) -> list[K]:
+        """The keys due at ``now``, each once, earliest first; they are no longer scheduled."""
+        heap = self._heap
+        due = self._due
+        out: list[K] = []
+        while heap and heap[0][0] <= now:
+            when, _, key = heapq.heappop(heap)
+            if due.get(key) == when:
+                del due[key]
+                out.append(key)
+        return out
 
 
 class TokenBucket:

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from config import Settings
 from gateway.logs import logging_config
@@ -50,6 +51,24 @@ class TransportControl:
     def buffered_bytes(self) -> int:
         transport = self._protocol.transport
         return transport.get_write_buffer_size() if transport is not None else 0
+
+    def send_texts(self, texts: list[str]) -> bool:
+        """Write text frames now, in one ``write``, if the socket takes data without waiting.
+        False, with nothing written, when it is paused above its high-water mark, closing or
+        gone: the caller then sends through ASGI, which waits or reports the disconnect.
+
+        This is the writer's path per frame: it skips the ASGI message dict, starlette's
+        state checks and uvicorn's ``writable.wait()``, which cost more than the frame."""
+        protocol = self._protocol
+        transport = protocol.transport
+        conn = protocol.conn
+        if (protocol.close_sent or protocol.disconnected or conn.state is not State.OPEN
+                or not protocol.writable.is_set() or transport is None or transport.is_closing()):
+            return False
+        for text in texts:
+            conn.send_text(text.encode())
+        transport.write(b"".join(conn.data_to_send()))
+        return True
 
     def force_close(self, code: int, reason: str = "") -> None:
         """Queue a close frame without waiting for the send buffer, then close the socket;
@@ -188,15 +207,15 @@ def _listening_socket(config: uvicorn.Config) -> socket.socket:
     return sock
 
 
+class ConfigurationError(RuntimeError):
+    pass
+
+
 def worker_app() -> Any:
     """The app factory each worker process calls (settings from its environment)."""
     from gateway.app import create_app
 
     return create_app(Settings())
-
-
-class ConfigurationError(RuntimeError):
-    pass
 
 
 def preflight(settings: Settings) -> None:

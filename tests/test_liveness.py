@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.liveness import Due, Liveness, TokenBucket
+from gateway.liveness import Deadlines, Due, Liveness, TokenBucket
 
 
 def make(now: float = 100.0, **kw: float) -> Liveness:
@@ -76,3 +76,36 @@ def test_token_bucket() -> None:
     assert bucket.try_take(0.5) == 0.0
     assert not bucket.full(0.5)
     assert bucket.full(10.0)
+
+
+def test_deadlines_pop_in_order_and_only_once() -> None:
+    deadlines: Deadlines[str] = Deadlines()
+    assert deadlines.schedule("a", 10.0)
+    assert deadlines.schedule("b", 5.0)
+    assert not deadlines.schedule("c", 7.0)
+    assert deadlines.next_at() == 5.0
+    assert deadlines.pop_due(4.9) == []
+    assert deadlines.pop_due(7.0) == ["b", "c"]
+    assert deadlines.pop_due(7.0) == []
+    assert deadlines.next_at() == 10.0
+    assert len(deadlines) == 1
+
+
+def test_deadlines_move_earlier_never_later() -> None:
+    deadlines: Deadlines[str] = Deadlines()
+    deadlines.schedule("a", 10.0)
+    assert not deadlines.schedule("a", 12.0)  # later: stays due at 10
+    assert deadlines.schedule("a", 3.0)  # earlier: the timer must wake sooner
+    assert deadlines.next_at() == 3.0
+    assert deadlines.pop_due(3.0) == ["a"]
+    assert deadlines.pop_due(10.0) == []  # the superseded entry is skipped
+    assert deadlines.next_at() == float("inf")
+
+
+def test_deadlines_removed_key_is_not_due() -> None:
+    deadlines: Deadlines[str] = Deadlines()
+    deadlines.schedule("a", 1.0)
+    deadlines.schedule("b", 2.0)
+    deadlines.remove("a")
+    assert deadlines.next_at() == 2.0
+    assert deadlines.pop_due(5.0) == ["b"]
