@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import resource
 import sys
@@ -178,8 +179,11 @@ async def run_streams(spec: dict[str, Any], clients: list[Client], label: str) -
     timeout = float(spec.get("timeout_s", 60.0))
     record = bool(spec.get("record", False))
     streams = []
+    # Ids are unique per run: the gateway's stream store refuses an id used recently, and
+    # the throughput scenarios repeat their run against one server.
+    run = os.urandom(3).hex()
     for index, client in enumerate(clients):
-        stream = Stream(f"{label}{index}".encode(), records=[] if record else None)
+        stream = Stream(f"{label}{run}-{index}".encode(), records=[] if record else None)
         streams.append((client, stream))
     phase(f"{label}go")
     started = time.monotonic()
@@ -203,6 +207,7 @@ def summarize(streams: list[Stream], spec: dict[str, Any], wall_s: float, *, tim
     tokens = sum(s.last_seq + 1 for s in streams)
     frames = sum(s.frames for s in streams)
     firsts = [s.first_at for s in streams if s.first_at is not None]
+    ttfts = sorted(s.first_at - s.sent_at for s in streams if s.first_at is not None)
     lasts = [s.last_at for s in streams if s.first_at is not None]
     span = (max(lasts) - min(firsts)) if firsts else 0.0
     mismatched = sum(
@@ -225,6 +230,8 @@ def summarize(streams: list[Stream], spec: dict[str, Any], wall_s: float, *, tim
         "tokens_per_s": tokens / span if span > 0 else 0.0,
         "frames_per_s": frames / span if span > 0 else 0.0,
         "tokens_per_frame": tokens / frames if frames else 0.0,
+        "ttft_p50_ms": percentile(ttfts, 0.50) * 1000,
+        "ttft_p99_ms": percentile(ttfts, 0.99) * 1000,
     }
     if spec.get("record"):
         rate = float(spec["tokens_per_s"])
@@ -336,7 +343,64 @@ async def kind_slow(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-KINDS = {"stream": kind_stream, "idle": kind_idle, "slow": kind_slow}
+async def kind_sse(spec: dict[str, Any]) -> dict[str, Any]:
+    """N concurrent streaming chat completions over HTTP (Server-Sent Events), as a client of
+    an OpenAI-compatible server would make them: the LiteLLM proxy or the upstream itself.
+    Tokens are the chunks whose ``delta.content`` is not empty; the time to first token is
+    from sending the request to reading the first of them."""
+    import httpx
+
+    count = int(spec["connections"])
+    max_tokens = int(spec["max_tokens"])
+    url = f"http://{spec['host']}:{spec['port']}{spec.get('path', '/v1/chat/completions')}"
+    headers = {"Authorization": f"Bearer {spec['api_key']}"} if spec.get("api_key") else {}
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    streams = [Stream(f"h{index}".encode()) for index in range(count)]
+    errors: dict[str, int] = {}
+
+    async def one(client: httpx.AsyncClient, stream: Stream) -> None:
+        body = {"model": spec.get("model", "bench-model"), "stream": True, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": f"benchmark prompt {stream.id.decode()}"}]}
+        stream.sent_at = time.monotonic()
+        try:
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    errors[f"http_{response.status_code}"] = errors.get(f"http_{response.status_code}", 0) + 1
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = orjson.loads(line[6:])
+                    for choice in event.get("choices") or ():
+                        if (choice.get("delta") or {}).get("content"):
+                            now = time.monotonic()
+                            if stream.first_at is None:
+                                stream.first_at = now
+                            stream.last_at = now
+                            stream.last_seq += 1
+                            stream.frames += 1
+                    if event.get("usage"):
+                        stream.completion_tokens = event["usage"].get("completion_tokens")
+            if stream.completion_tokens is None:
+                stream.completion_tokens = stream.last_seq + 1
+        except Exception as exc:  # counted and reported
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=float(spec.get("timeout_s", 120.0))) as client:
+        # One warm-up request opens a connection and lets the server load what it loads lazily.
+        warm = Stream(b"warm")
+        await one(client, warm)
+        phase("sgo")
+        started = time.monotonic()
+        await asyncio.gather(*(one(client, stream) for stream in streams))
+        phase("send")
+        result = summarize(streams, spec, time.monotonic() - started, timed_out=0)
+    result["errors"] = errors
+    result["open_failures"] = 0
+    return result
+
+
+KINDS = {"stream": kind_stream, "idle": kind_idle, "slow": kind_slow, "sse": kind_sse}
 
 
 async def amain(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,8 @@
-"""Profile a server under a throughput scenario with py-spy:
-``python -m benchmarks.profile --scenario 1|2 [--target gateway|fastapi|websockets] [--out DIR]``.
+"""Profile a server under a scenario with py-spy:
+``python -m benchmarks.profile --scenario 1|2|3 [--streams N] [--target gateway|fastapi|websockets] [--out DIR]``.
+
+Scenarios 1 and 2 stream at full speed (1,000,000 tokens in all); scenario 3 runs
+``--streams`` paced streams (default 1,000) at 30 tokens/s, 300 ms to first token.
 
 The server runs pinned as in the benchmark; py-spy samples it (non-blocking, so the
 process is not paused) while the load generator streams, and the collapsed stacks are
@@ -29,9 +32,10 @@ from benchmarks.harness import (
     raise_nofile_limit,
     run_loadgen,
 )
+from benchmarks.scenarios import LLM_TOKENS_PER_S, LLM_TTFT_MS
 
 TARGETS = {"gateway": GATEWAY, "fastapi": FLOOR_FASTAPI, "websockets": FLOOR_WEBSOCKETS}
-SIZES = {"1": (1, 1_000_000), "2": (100, 10_000)}
+SIZES = {"1": (1, 1_000_000), "2": (100, 10_000), "3": (1_000, 150)}
 LIBRARIES = ("uvicorn", "websockets", "starlette", "fastapi", "anyio", "gateway", "benchmarks", "asyncio", "orjson",
              "prometheus_client")
 
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=sorted(SIZES), default="1")
     parser.add_argument("--target", choices=sorted(TARGETS), default="gateway")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
+    parser.add_argument("--streams", type=int, help="paced streams for scenario 3 (default 1,000)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profiles")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -83,13 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     pinning = choose_pinning()
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"s{args.scenario}-{args.target}"
     connections, tokens = SIZES[args.scenario]
     spec = {"kind": "stream", "connections": connections, "max_tokens": tokens, "jwt_secret": JWT_SECRET,
             "timeout_s": 120.0}
+    options = ServerOptions()
+    name = f"s{args.scenario}-{args.target}"
+    if args.scenario == "3":
+        connections = args.streams or connections
+        name = f"s3-{connections}-{args.target}"
+        options = ServerOptions(tokens_per_s=LLM_TOKENS_PER_S, ttft_ms=LLM_TTFT_MS)
+        spec.update({"connections": connections, "record": True, "tokens_per_s": LLM_TOKENS_PER_S,
+                     "ttft_s": LLM_TTFT_MS / 1000.0, "stagger_s": 2.0})
     with tempfile.TemporaryDirectory() as workdir:
         collapsed = Path(workdir) / "stacks.txt"
-        with ServerProcess(TARGETS[args.target], ServerOptions(), pinning, Path(workdir)) as server:
+        with ServerProcess(TARGETS[args.target], options, pinning, Path(workdir)) as server:
             spy = subprocess.Popen(
                 [*pinning.client, py_spy, "record", "--pid", str(server.popen.pid), "--rate", str(args.rate),
                  "--nonblocking", "--format", "raw", "--output", str(collapsed)],
@@ -101,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=30)
         window = run.window("sgo", "send")
+        delay = (f", added delay p50 {run.result['delay_p50_ms']:.1f} ms p99 {run.result['delay_p99_ms']:.1f} ms"
+                 if "delay_p99_ms" in run.result else "")
         header = (
             f"{name}: {run.result['tokens']:,} tokens in {run.result['frames']:,} frames, "
             f"{run.result['tokens_per_s']:,.0f} tokens/s, server CPU {window['server_cpu_pct']:.0f}%, "
-            f"load generator CPU {window['client_cpu_pct']:.0f}%\n\n"
+            f"CPU µs/token {1e6 * window['server_cpu_s'] / max(run.result['tokens'], 1):.1f}, "
+            f"load generator CPU {window['client_cpu_pct']:.0f}%{delay}\n\n"
         )
         summary = header + summarise(collapsed)
         (args.out / f"{name}.txt").write_text(summary, encoding="utf-8")

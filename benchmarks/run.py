@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run scenarios 1-2 for each uvicorn ws implementation, event loop and HTTP parser")
     parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/results, smoke: "
                                                  "benchmarks/results/smoke)")
+    parser.add_argument("--streams", help="comma-separated N for scenario 3 (default: 100,300,1000,3000)")
+    parser.add_argument("--litellm", help="the LiteLLM proxy's `litellm` executable for the peer comparison "
+                                          "(default: BENCH_LITELLM, /tmp/venv-litellm/bin/litellm, PATH)")
     parser.add_argument("--store-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment that turns the gateway's stream store on, for scenario 6")
     return parser
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = Plan.smoke() if args.smoke else Plan()
+    if args.streams:
+        plan = dataclasses.replace(plan, s3_streams=tuple(int(n) for n in args.streams.split(",")))
     keys = [k.strip() for k in args.only.split(",")] if args.only else list(SCENARIOS)
     unknown = [k for k in keys if k not in SCENARIOS]
     if unknown:
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-        ctx = Context(plan, pinning, Path(workdir), store_env)
+        ctx = Context(plan, pinning, Path(workdir), store_env, args.litellm)
         ctx.log(f"pinning: {pinning.description}; output: {out}")
         for key in keys:
             sections.append(SCENARIOS[key](ctx))

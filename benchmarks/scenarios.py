@@ -5,6 +5,7 @@ run, because the machine is shared and absolute numbers drift between runs."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import urllib.request
@@ -41,7 +42,7 @@ class Plan:
     repeats: int = 3  # throughput runs per server; the median is reported
     s2_streams: int = 100
     s2_tokens_each: int = 2_000
-    s3_streams: tuple[int, ...] = (100, 1_000, 3_000)
+    s3_streams: tuple[int, ...] = (100, 300, 1_000, 3_000)
     s3_tokens_each: int = 150
     s3_stagger_s: float = 2.0
     s4_counts: tuple[int, ...] = (1_000, 5_000, 10_000)
@@ -52,6 +53,9 @@ class Plan:
     s5_slow_tokens: int = 10_000_000
     s5_slow_settle_s: float = 8.0
     s5_tail_s: float = 1.0
+    peer_tokens_one: int = 2_000
+    peer_streams: int = 100
+    peer_tokens_each: int = 100
     # Which floors each scenario runs beside the gateway (the smoke run starts fewer servers).
     all_floors_in: tuple[str, ...] = ("s1", "s2", "s3", "s4")
 
@@ -65,6 +69,7 @@ class Plan:
             s1_tokens=2_000, repeats=1, s2_streams=5, s2_tokens_each=200, s3_streams=(10,), s3_tokens_each=6,
             s3_stagger_s=0.1, s4_counts=(20,), s4_settle_s=0.2, s4_rest_s=0.3, s5_healthy=5, s5_slow=5,
             s5_slow_tokens=5_000, s5_slow_settle_s=0.3, s5_tail_s=0.2, all_floors_in=("s1",),
+            peer_tokens_one=20, peer_streams=3, peer_tokens_each=10,
         )
 
 
@@ -84,6 +89,7 @@ class Context:
     pinning: Pinning
     workdir: Path
     store_env: dict[str, str] = field(default_factory=dict)
+    litellm: str | None = None
 
     def log(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -402,46 +408,171 @@ def scrape_metrics(port: int) -> dict[str, float]:
 # Scenario 6 and the peer: hooks for parts that do not exist yet -----------------------------
 
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def default_store_env() -> dict[str, str] | None:
+    """The Redis stream store on a local Redis, under a prefix of its own, if one answers."""
+    try:
+        import redis
+    except ImportError:
+        return None
+    try:
+        redis.Redis.from_url(DEFAULT_REDIS_URL, socket_timeout=1).ping()
+    except Exception:
+        return None
+    return {"GATEWAY_REDIS_URL": DEFAULT_REDIS_URL}
+
+
+def redis_usage(env: dict[str, str], prefix: str) -> dict[str, float]:
+    """What the gateway stored under ``prefix``: stream entries (one per flush, plus one
+    terminal per generation) and the bytes of their fields; then the keys are deleted."""
+    import redis
+
+    client = redis.Redis.from_url(env["GATEWAY_REDIS_URL"], decode_responses=False)
+    entries = field_bytes = streams = 0
+    for key in client.scan_iter(match=prefix.encode() + b"s:*", count=1000):
+        streams += 1
+        for _, fields in client.xrange(key):
+            entries += 1
+            field_bytes += sum(len(k) + len(v) for k, v in fields.items())
+    keys = list(client.scan_iter(match=prefix.encode() + b"*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+    return {"streams": streams, "entries": entries, "field_bytes": field_bytes}
+
+
 def scenario_6(ctx: Context) -> Section:
-    section = Section("s6", "6. Redis stream store: CPU per token relative to memory-only", ["run", "CPU µs/token",
-                                                                                                "x memory-only"])
-    if not ctx.store_env:
-        section.notes.append(
-            "Not run: the gateway has no stream store yet (there is no store setting in config/settings.py). "
-            "Hook: `python -m benchmarks --only 6 --store-env GATEWAY_<SETTING>=redis://127.0.0.1:6379/0` runs "
-            "scenarios 2 and 3 (1,000 streams) with that environment added and compares CPU per token to "
-            "memory-only in the same run."
-        )
-        return section
     p = ctx.plan
-    n = p.s3_streams[min(1, len(p.s3_streams) - 1)]
-    runs = [
-        ("scenario 2, memory-only", measure_throughput(ctx, GATEWAY, p.s2_streams, p.s2_tokens_each)),
-        ("scenario 2, store on", measure_throughput(ctx, GATEWAY, p.s2_streams, p.s2_tokens_each,
-                                                    ServerOptions(extra_env=ctx.store_env))),
-        (f"scenario 3 (N={n}), memory-only", measure_latency(ctx, GATEWAY, n)),
-        (f"scenario 3 (N={n}), store on", measure_latency(ctx, GATEWAY, n, ServerOptions(
-            tokens_per_s=LLM_TOKENS_PER_S, ttft_ms=LLM_TTFT_MS, extra_env=ctx.store_env))),
-    ]
-    for index, (name, m) in enumerate(runs):
+    section = Section(
+        "s6", "6. Redis stream store: CPU per token relative to memory-only",
+        ["run", "CPU µs/token", "x memory-only", "p99 added delay ms", "store writes/token", "Redis commands/token",
+         "bytes stored/token", "check"],
+    )
+    store_env = dict(ctx.store_env) if ctx.store_env else default_store_env()
+    if not store_env:
+        section.notes.append(
+            f"Not run: no Redis answered at {DEFAULT_REDIS_URL}. Run with a Redis on loopback, or name one: "
+            "`python -m benchmarks --only 6 --store-env GATEWAY_REDIS_URL=redis://HOST:6379/15`.")
+        return section
+    # Paced load below saturation, so the delay column means something.
+    n = min(max(p.s3_streams), 300)
+
+    def store_on(options: ServerOptions) -> tuple[ServerOptions, str]:
+        prefix = f"bench-{os.getpid()}-{time.monotonic_ns()}:"
+        env = {**store_env, "GATEWAY_REDIS_PREFIX": prefix}
+        return ServerOptions(tokens_per_s=options.tokens_per_s, ttft_ms=options.ttft_ms, extra_env=env), prefix
+
+    full = ServerOptions(tokens_per_s=0.0, ttft_ms=0.0)
+    paced = ServerOptions(tokens_per_s=LLM_TOKENS_PER_S, ttft_ms=LLM_TTFT_MS)
+    runs: list[tuple[str, dict[str, Any], dict[str, float] | None]] = []
+    ctx.log("s6: scenario 2, memory-only")
+    runs.append(("scenario 2, memory-only", measure_throughput(ctx, GATEWAY, p.s2_streams, p.s2_tokens_each), None))
+    ctx.log("s6: scenario 2, Redis store")
+    options, prefix = store_on(full)
+    m = measure_throughput(ctx, GATEWAY, p.s2_streams, p.s2_tokens_each, options)
+    runs.append(("scenario 2, Redis store", m, redis_usage(store_env, prefix)))
+    ctx.log(f"s6: scenario 3 (N={n}), memory-only")
+    runs.append((f"scenario 3 (N={n}), memory-only", measure_latency(ctx, GATEWAY, n, paced), None))
+    ctx.log(f"s6: scenario 3 (N={n}), Redis store")
+    options, prefix = store_on(paced)
+    m = measure_latency(ctx, GATEWAY, n, options)
+    runs.append((f"scenario 3 (N={n}), Redis store", m, redis_usage(store_env, prefix)))
+    for index, (name, m, usage) in enumerate(runs):
         base = runs[index - index % 2][1]["cpu_us_per_token"]
-        section.rows.append([name, fmt(m["cpu_us_per_token"], 2), ratio(m["cpu_us_per_token"], base)])
+        # The tokens Redis saw: every run of a throughput measurement used the same store.
+        stored_tokens = m["tokens"] * (p.repeats if name.startswith("scenario 2") else 1)
+        writes = commands = stored = math.nan
+        if usage is not None and stored_tokens:
+            batches = usage["entries"] - usage["streams"]  # one terminal entry per stream
+            writes = batches / stored_tokens
+            # Per flush: XADD + 3 EXPIREs in one pipeline; per generation: SET NX, ZADD, EXPIRE on
+            # create and the terminal's XADD + 3 EXPIREs.
+            commands = (4 * batches + 7 * usage["streams"]) / stored_tokens
+            stored = usage["field_bytes"] / stored_tokens
+        section.rows.append([
+            name, fmt(m["cpu_us_per_token"], 2), ratio(m["cpu_us_per_token"], base),
+            fmt(m.get("delay_p99_ms", math.nan), 2), fmt(writes, 3), fmt(commands, 3), fmt(stored, 1),
+            check(m, m["client_cpu_pct"]),
+        ])
+    section.notes += [
+        f"Redis: {store_env['GATEWAY_REDIS_URL']}, a fresh GATEWAY_REDIS_PREFIX per run (deleted afterwards). "
+        "Store writes per token = stream entries written per token (each write is one pipelined round trip: XADD "
+        "plus the EXPIREs that keep the TTL counting from the last write); Redis commands per token add the "
+        "per-generation commands (create, terminal). Bytes are the stored fields (the JSON list of texts and the "
+        "first seq per entry), before Redis's own overhead. A generation flushes at most every "
+        "FLUSH_INTERVAL_S (50 ms) while it produces, and whatever accumulated during the previous write.",
+        "With the store on, the gateway also runs the Redis backplane and limits, as it would in production; "
+        "CPU per token includes that process's share of the Redis client work, not Redis's own CPU.",
+    ]
+    section.data["measured"] = [{"run": name, **m, "redis": usage} for name, m, usage in runs]
     return section
 
 
 def peer_section(ctx: Context) -> Section:
-    from gateway.backends import BUILTIN_BACKENDS
+    from benchmarks import peer
 
-    section = Section("peer", "Peer: LiteLLM proxy in front of the same upstream", ["measure", "value"])
-    if "openai" not in BUILTIN_BACKENDS:
-        section.notes.append(
-            "Not run: the comparison puts the gateway and the LiteLLM proxy in front of the same local "
-            "OpenAI-compatible upstream, and the gateway has no `openai` backend yet (built in: "
-            + ", ".join(sorted(BUILTIN_BACKENDS)) + "). Measuring LiteLLM alone would give no ratio. Hook: when "
-            "the backend exists, add an upstream and a `peer` run to benchmarks/scenarios.py (LiteLLM in its own "
-            "virtualenv, LITELLM_LOCAL_MODEL_COST_MAP=True, LITELLM_TELEMETRY=False, upstream text that varies "
-            "so REPEATED_STREAMING_CHUNK_LIMIT does not end streams)."
-        )
+    p = ctx.plan
+    section = Section(
+        "peer", "Peer: LiteLLM proxy in front of the same upstream",
+        ["streams", "client of", "tokens/s", "x LiteLLM", "TTFT p50 ms", "added TTFT p50 ms", "server CPU",
+         "load gen CPU", "check"],
+    )
+    executable = peer.litellm_executable(ctx.litellm)
+    sizes = [(1, p.peer_tokens_one), (p.peer_streams, p.peer_tokens_each)]
+    rows: list[dict[str, Any]] = []
+    with peer.running(peer.upstream_process(ctx.pinning, ctx.workdir)) as upstream:
+        for streams, tokens in sizes:
+            ctx.log(f"peer: upstream directly, {streams} stream(s) x {tokens} tokens")
+            rows.append({"who": "upstream directly (SSE)", "n": streams,
+                         **peer.measure_sse(upstream, ctx.pinning, upstream.port, streams, tokens, None)})
+            ctx.log(f"peer: gateway, {streams} stream(s) x {tokens} tokens")
+            rows.append({"who": "gateway (WebSocket)", "n": streams,
+                         **peer.measure_gateway(ctx, upstream.port, streams, tokens)})
+        if executable is None:
+            section.notes.append(
+                "LiteLLM not run: no `litellm` executable (looked at --litellm, BENCH_LITELLM, "
+                f"{peer.DEFAULT_LITELLM} and PATH). It needs its own virtualenv: `python3 -m venv /tmp/venv-litellm "
+                "&& /tmp/venv-litellm/bin/pip install 'litellm[proxy]'` (about 2.5 minutes, 740 MB).")
+        else:
+            ctx.log("peer: starting the LiteLLM proxy (about 20 s)")
+            started = time.monotonic()
+            with peer.running(peer.litellm_process(executable, upstream.port, ctx.pinning, ctx.workdir)) as proxy:
+                try:
+                    proxy.wait_http("/health/liveliness", timeout=180.0)
+                except RuntimeError as exc:
+                    section.notes.append(f"LiteLLM did not start: {str(exc)[:600]}")
+                else:
+                    section.data["litellm_start_s"] = time.monotonic() - started
+                    for streams, tokens in sizes:
+                        ctx.log(f"peer: LiteLLM, {streams} stream(s) x {tokens} tokens")
+                        rows.append({"who": "LiteLLM proxy (SSE)", "n": streams, **peer.measure_sse(
+                            proxy, ctx.pinning, proxy.port, streams, tokens, peer.MASTER_KEY)})
+    for streams, _ in sizes:
+        at = {m["who"]: m for m in rows if m["n"] == streams}
+        direct = at["upstream directly (SSE)"]
+        litellm = at.get("LiteLLM proxy (SSE)")
+        for who, m in at.items():
+            added = m["ttft_p50_ms"] - direct["ttft_p50_ms"] if who != "upstream directly (SSE)" else math.nan
+            section.rows.append([
+                fmt(streams), who, fmt(m["tokens_per_s"]),
+                ratio(m["tokens_per_s"], litellm["tokens_per_s"]) if litellm else "n/a",
+                fmt(m["ttft_p50_ms"], 2), fmt(added, 2),
+                f"{fmt(m['server_cpu_pct'])}%" if who != "upstream directly (SSE)" else "(upstream)",
+                f"{fmt(m['client_cpu_pct'])}%", check(m, m["client_cpu_pct"]),
+            ])
+    section.notes += [
+        f"One stream of {p.peer_tokens_one:,} tokens, then {p.peer_streams} concurrent streams of "
+        f"{p.peer_tokens_each} tokens, from a local OpenAI-compatible upstream streaming as fast as it can "
+        "(benchmarks/upstream.py, on the load generator's core). The proxy under test (the gateway with "
+        "GATEWAY_BACKEND=openai, or LiteLLM with one worker) runs on the server core. Added TTFT is the proxy's "
+        "time to first token minus the upstream's own, measured by the same kind of client (SSE for the upstream "
+        "and LiteLLM, the WebSocket for the gateway); each proxy first serves one warm-up request.",
+        "LiteLLM runs with LITELLM_LOCAL_MODEL_COST_MAP=True, LITELLM_TELEMETRY=False, DISABLE_ADMIN_UI=True, no "
+        "DATABASE_URL and a master key sent as the bearer token; the upstream varies its text, because LiteLLM "
+        "ends a stream after 100 identical chunks in a row.",
+    ]
+    section.data["measured"] = rows
     return section
 
 

@@ -10,11 +10,15 @@ Who owns what:
   the backend (backpressure). A generation with no followers runs at the backend's pace.
 - Tokens are also batched into the stream store by one flusher task per generation, one
   write per batch, so a client can resume on any process. Room generations publish the
-  same batches to the room.
+  same batches to the room. After a write the flusher lets ``FLUSH_INTERVAL_S`` pass
+  before the next one (not for rooms, whose members read those batches live), so a paced
+  stream costs the store and the event loop one write per interval, not one per token;
+  the tail and the terminal are written as soon as production ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -51,6 +55,9 @@ ACLOSE_TIMEOUT_S = 2.0
 FINISH_AFTER_LIMIT_WAIT_S = 1.0
 # How long the flusher keeps retrying the store after the generation ended.
 FLUSH_GIVE_UP_S = 30.0
+# The least time between two store writes of one generation while it produces: what a
+# resume on another process may lag behind the live stream.
+FLUSH_INTERVAL_S = 0.05
 
 
 class Sink(Protocol):
@@ -116,7 +123,8 @@ class Generation:
         self.detached_at: float | None = None
         self._pending: list[str] = []
         self._pending_first = 0
-        self._wake_flusher = anyio.Event()
+        self._flusher_waiter: asyncio.Future[None] | None = None
+        self._flusher_lingering = False
         self._producing = True
         self._ended = False
 
@@ -178,7 +186,7 @@ class Generation:
                     self.terminal = terminal
                 finally:
                     self._producing = False
-                    self._wake_flusher.set()
+                    self._wake_flusher()
                 await self._deliver_terminal(terminal)
                 await self._end(outcome)
                 # Leaving the task group waits for the flusher to store the rest.
@@ -222,7 +230,8 @@ class Generation:
                             self.tokens.append(text)
                             if not self._pending:
                                 self._pending_first = count
-                                self._wake_flusher.set()
+                                if not self._flusher_lingering:
+                                    self._wake_flusher()
                             self._pending.append(text)
                             if follows:
                                 item = Token(ref, count, text)
@@ -298,12 +307,31 @@ class Generation:
             follow.ended.set()
         self.follows.clear()
 
+    def _wake_flusher(self) -> None:
+        waiter = self._flusher_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _flusher_wait(self, linger_s: float | None = None) -> None:
+        """Until ``_wake_flusher`` (or ``linger_s``). A bare future: this runs once per batch."""
+        loop = asyncio.get_running_loop()
+        self._flusher_waiter = waiter = loop.create_future()
+        timer = loop.call_later(linger_s, self._wake_flusher) if linger_s is not None else None
+        try:
+            await waiter
+        finally:
+            self._flusher_waiter = None
+            if timer is not None:
+                timer.cancel()
+
     async def _flusher(self) -> None:
         """Write pending tokens to the store (and the room) one batch at a time; the next
-        batch is whatever accumulated while the previous write was in flight. While no
+        batch is whatever accumulated while the previous write was in flight, and for at
+        least ``FLUSH_INTERVAL_S`` after it while the generation is producing. While no
         token comes, the stream's TTL is refreshed so a slow generation stays resumable."""
         store = self.hub.store
         meta = self.meta
+        linger = FLUSH_INTERVAL_S if meta.room is None else 0.0
         touch_every = max(self.hub.settings.resume_ttl_s / 3, 1.0)
         last_write = anyio.current_time()
         ended_at: float | None = None
@@ -312,19 +340,19 @@ class Generation:
             if not self._pending:
                 if not self._producing:
                     break
-                with anyio.move_on_after(max(last_write + touch_every - anyio.current_time(), 0)):
-                    await self._wake_flusher.wait()
-                if self._wake_flusher.is_set():
-                    self._wake_flusher = anyio.Event()
-                elif not self._pending:
+                await self._flusher_wait(max(last_write + touch_every - anyio.current_time(), 0.0))
+                if not self._pending and self._producing and anyio.current_time() - last_write >= touch_every:
                     with contextlib.suppress(Exception):
                         await store.touch(meta)
                     last_write = anyio.current_time()
                 continue
             batch = TokenBatch(self._pending_first, tuple(self._pending))
             try:
-                with anyio.CancelScope(shield=not self._producing):
+                if self._producing:
                     await store.write(meta, batch)
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await store.write(meta, batch)
             except Exception:
                 if not self._producing:
                     ended_at = ended_at if ended_at is not None else anyio.current_time()
@@ -340,6 +368,12 @@ class Generation:
             if meta.room is not None:
                 await self._publish_room(
                     [encode_tokens(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
+            if linger and self._producing:
+                self._flusher_lingering = True
+                try:
+                    await self._flusher_wait(linger)
+                finally:
+                    self._flusher_lingering = False
         await self._store_terminal(lost)
 
     async def _store_terminal(self, lost: bool) -> None:
