@@ -4,6 +4,7 @@ run, because the machine is shared and absolute numbers drift between runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -615,6 +616,9 @@ def variants_section(ctx: Context, s1: Section | None, s2: Section | None) -> Se
         floor = baseline[FLOOR_FASTAPI.name]
     results = {name: baseline[name] for name in (GATEWAY.name, FLOOR_FASTAPI.name) if name in baseline}
     for target in variant_targets():
+        if target.ws in ("wsproto", "websockets") and importlib.util.find_spec(target.ws) is None:
+            section.notes.append(f"{target.name}: not run, `{target.ws}` is not installed (pip install {target.ws}).")
+            continue
         ctx.log(f"variants: {target.name}")
         results[target.name] = {
             "s1": measure_throughput(ctx, target, 1, p.s1_tokens),
