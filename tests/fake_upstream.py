@@ -135,6 +135,14 @@ class FakeUpstream:
                 return
             plan = self.plans.popleft() if self.plans else self.default
             await self._generate(writer, seen, plan)
+        except ConnectionError:
+            # A write failed because the client went away; the watcher may not have seen
+            # the close yet, and is cancelled below: record it here too.
+            if not seen.gone.is_set():
+                seen.gone_at = time.monotonic()
+                seen.gone.set()
+                seen.gone_here.set()
+            raise
         finally:
             watcher.cancel()
 
