@@ -157,9 +157,6 @@ class Hub:
             self._no_generations = anyio.Event()
         self.spawn(generation.run, name=f"generation {generation.id}")
 
-    def generation_is_ended(self, generation: Generation) -> bool:
-        return self.generations.get(generation.key) is not generation
-
     def generation_ended(self, generation: Generation, outcome: str) -> None:
         if self.generations.get(generation.key) is generation:
             del self.generations[generation.key]

@@ -47,11 +47,6 @@ class TransportControl:
         """Event-loop time of the last bytes received from the client."""
         return self._protocol.last_inbound
 
-    @property
-    def buffered_bytes(self) -> int:
-        transport = self._protocol.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
-
     def send_texts(self, texts: list[str]) -> bool:
         """Write text frames now, in one ``write``, if the socket takes data without waiting.
         False, with nothing written, when it is paused above its high-water mark, closing or

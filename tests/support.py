@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,10 +213,6 @@ class ServerProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
-
-
-def iter_lines(text: str) -> Iterator[str]:
-    yield from text.splitlines()
 
 
 class RawClient:
