@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # name=value pairs, comma-separated; a secret, as a header may carry a credential.
     openai_extra_headers: SecretStr | None = None
     openai_max_connections: int = Field(default=100, ge=1)
-    openai_max_keepalive_connections: int = Field(default=20, ge=0)
+    openai_keepalive_s: float = Field(default=15.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(default=60.0, gt=0)
     upstream_idle_timeout_s: float = Field(default=30.0, gt=0)

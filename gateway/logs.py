@@ -72,7 +72,7 @@ def logging_config(level: str = "info", *, access_log: bool = False) -> dict[str
                 "stream": "ext://sys.stderr",
             },
         },
-        # Every other library's records (redis, httpx, asyncio, …) go through the same
+        # Every other library's records (redis, aiohttp, asyncio, …) go through the same
         # redacting handler.
         "root": {"level": "WARNING", "handlers": ["default"]},
         "loggers": {

@@ -25,7 +25,7 @@ from gateway.backends.echo import split_words
 @dataclass
 class Plan:
     # ok | status | hang_headers | hang_before | hang_mid | malformed | drop | end_early | drop_before
-    # | reject_stream_options
+    # | reject_stream_options | bytewise (``body`` as the event stream, one byte per HTTP chunk)
     kind: str = "ok"
     status: int = 200
     body: str = ""
@@ -37,6 +37,7 @@ class Plan:
     usage_in_finish: bool = False  # like `transformers serve`: usage on the finish chunk, no [DONE]
     send_done: bool = True
     send_usage: bool = True
+    end_delay_s: float = 0.0  # between [DONE] and the end of the body
 
 
 @dataclass
@@ -58,6 +59,10 @@ class FakeUpstream:
         self.plans: deque[Plan] = deque()
         self.default = Plan()
         self.models_status = 200
+        # Keep-alive: serve requests one after another on each connection, as real servers
+        # do; the client's going away is then not watched.
+        self.keep_alive = False
+        self.connections = 0
         self.requests: list[Seen] = []
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -105,8 +110,10 @@ class FakeUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
+        self.connections += 1
         try:
-            await self._serve(reader, writer)
+            while await self._serve(reader, writer) and self.keep_alive:
+                pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -114,7 +121,8 @@ class FakeUpstream:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """One request and its answer; whether the connection may carry another."""
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = lines[0].split(" ", 2)
@@ -128,13 +136,14 @@ class FakeUpstream:
         body = json.loads(raw) if raw else {}
         seen = Seen(method, path, headers, body)
         self.requests.append(seen)
-        watcher = asyncio.ensure_future(self._watch(reader, seen))
+        watcher = None if self.keep_alive else asyncio.ensure_future(self._watch(reader, seen))
         try:
             if method == "GET" and path.endswith("/models"):
                 await self._json(writer, self.models_status, {"object": "list", "data": [{"id": "fake-model"}]})
-                return
+                return True
             plan = self.plans.popleft() if self.plans else self.default
             await self._generate(writer, seen, plan)
+            return seen.completed
         except ConnectionError:
             # A write failed because the client went away; the watcher may not have seen
             # the close yet, and is cancelled below: record it here too.
@@ -144,7 +153,8 @@ class FakeUpstream:
                 seen.gone_here.set()
             raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def _watch(self, reader: asyncio.StreamReader, seen: Seen) -> None:
         """Record when the client closes its end."""
@@ -164,7 +174,8 @@ class FakeUpstream:
         await writer.drain()
 
     async def _head(self, writer: asyncio.StreamWriter, status: int, headers: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} X", "connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+        connection = "keep-alive" if self.keep_alive else "close"
+        lines = [f"HTTP/1.1 {status} X", f"connection: {connection}", *(f"{k}: {v}" for k, v in headers.items())]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         await writer.drain()
 
@@ -200,6 +211,15 @@ class FakeUpstream:
             return
         if kind == "hang_headers":
             await self._until_gone(seen)
+            return
+        if kind == "bytewise":
+            await self._head(writer, 200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
+            for byte in plan.body.encode():
+                writer.write(b"1\r\n" + bytes([byte]) + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            seen.completed = True
             return
         chat = seen.path.endswith("/chat/completions")
         prompt = body.get("prompt", "")
@@ -259,6 +279,8 @@ class FakeUpstream:
             await self._event(writer, {"id": "cmpl-1", "choices": [], "usage": usage})
         if plan.send_done:
             await self._event(writer, "[DONE]")
+        if plan.end_delay_s:
+            await asyncio.sleep(plan.end_delay_s)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         seen.completed = True

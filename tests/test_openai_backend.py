@@ -1,4 +1,4 @@
-"""The openai backend against a fault-injecting local upstream and httpx.MockTransport."""
+"""The openai backend against a fault-injecting local upstream."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from multidict import CIMultiDict
 
 from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
 from gateway.backends import openai as openai_module
@@ -277,7 +278,7 @@ async def test_unreachable_upstream_is_backend_error() -> None:
     async with started(settings) as backend:
         _, _, error = await collect(backend, request())
         assert error is not None and error.code is ErrorCode.BACKEND_ERROR
-        assert "ConnectError" in error.message
+        assert "cannot reach the upstream" in error.message and "refused" in error.message
         assert not await backend.ready()
 
 
@@ -295,6 +296,24 @@ async def test_aclose_closes_the_upstream_response_at_once(upstream: FakeUpstrea
     assert not seen.completed and seen.tokens_sent < 20
 
 
+async def test_a_finished_stream_keeps_its_connection_and_an_abandoned_one_does_not(
+        upstream: FakeUpstream) -> None:
+    upstream.keep_alive = True
+    # The body ends a moment after [DONE], as it may when the upstream is busy.
+    upstream.default = Plan(end_delay_s=0.05)
+    async with started(settings_for(upstream)) as backend:
+        for _ in range(3):
+            texts, finish, error = await collect(backend, request("one two three"))
+            assert error is None and texts == ["one ", "two ", "three"] and finish is not None
+        assert upstream.connections == 1  # no new TCP (or TLS) handshake per request
+        iterator = backend.stream(request(" ".join(["w"] * 50)))
+        assert isinstance(await anext(iterator), TokenChunk)
+        await iterator.aclose()  # type: ignore[attr-defined]
+        texts, _, error = await collect(backend, request("after"))
+        assert error is None and texts == ["after"]
+        assert upstream.connections == 2  # the abandoned response's connection was dropped
+
+
 async def test_ready_checks_models_and_caches(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
     async with started(settings_for(upstream)) as backend:
         assert await backend.ready()
@@ -308,10 +327,10 @@ async def test_ready_checks_models_and_caches(upstream: FakeUpstream, monkeypatc
         assert not await backend.ready()
 
 
-# httpx.MockTransport ---------------------------------------------------------------------------
+# Event-stream decoding -----------------------------------------------------------------------
 
 
-async def test_events_split_at_every_byte_with_crlf() -> None:
+async def test_events_split_at_every_byte_with_crlf(upstream: FakeUpstream) -> None:
     events = [
         {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
         {"choices": [{"index": 0, "delta": {"content": "héllo "}}]},
@@ -320,29 +339,18 @@ async def test_events_split_at_every_byte_with_crlf() -> None:
     ]
     raw = "".join(f": keep-alive\r\ndata: {json.dumps(e, ensure_ascii=False)}\r\n\r\n" for e in events)
     raw += "data: [DONE]\r\n\r\n"
-
-    async def one_byte_at_a_time() -> AsyncIterator[bytes]:
-        for byte in raw.encode():
-            yield bytes([byte])
-
-    def handler(http_request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=one_byte_at_a_time())
-
-    async with started(make_settings(openai_base_url="http://upstream.test/v1"),
-                       transport=httpx.MockTransport(handler)) as backend:
+    upstream.plans.append(Plan(kind="bytewise", body=raw))
+    async with started(settings_for(upstream)) as backend:
         texts, finish, error = await collect(backend, request())
     assert error is None and texts == ["héllo ", "wörld"]
     assert finish == FinishChunk("stop", prompt_tokens=4, completion_tokens=2)
 
 
-async def test_error_event_mid_stream_is_sanitised() -> None:
-    def handler(http_request: httpx.Request) -> httpx.Response:
-        body = (f'data: {{"choices":[{{"index":0,"delta":{{"content":"a"}}}}]}}\n\n'
-                f'data: {{"error":{{"message":"failed for key {API_KEY}"}}}}\n\n')
-        return httpx.Response(200, content=body.encode())
-
-    async with started(make_settings(openai_base_url="http://upstream.test/v1", openai_api_key=API_KEY),
-                       transport=httpx.MockTransport(handler)) as backend:
+async def test_error_event_mid_stream_is_sanitised(upstream: FakeUpstream) -> None:
+    body = (f'data: {{"choices":[{{"index":0,"delta":{{"content":"a"}}}}]}}\n\n'
+            f'data: {{"error":{{"message":"failed for key {API_KEY}"}}}}\n\n')
+    upstream.plans.append(Plan(kind="bytewise", body=body))
+    async with started(settings_for(upstream)) as backend:
         texts, _, error = await collect(backend, request())
     assert texts == ["a"] and error is not None and error.code is ErrorCode.BACKEND_ERROR
     assert API_KEY not in error.message and "failed for key" in error.message
@@ -353,11 +361,11 @@ def test_sanitize_and_retry_after() -> None:
     assert sanitize("line\nbreaks\x00 and  spaces", ()) == "line breaks and spaces"
     assert len(sanitize("x " * 500, ())) == openai_module.DETAIL_CHARS
     assert sanitize("part abcdefgh-zz", ("0000abcdefgh1111",)) == ""
-    assert retry_after_seconds(httpx.Headers({"retry-after": "2.5"})) == 2.5
-    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "1500"})) == 1.5
-    assert retry_after_seconds(httpx.Headers({"x-ratelimit-reset-requests": "1m30s"})) == 90.0
-    assert retry_after_seconds(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
-    assert retry_after_seconds(httpx.Headers({})) == openai_module.DEFAULT_RETRY_AFTER_S
+    assert retry_after_seconds(CIMultiDict({"Retry-After": "2.5"})) == 2.5
+    assert retry_after_seconds(CIMultiDict({"retry-after-ms": "1500"})) == 1.5
+    assert retry_after_seconds(CIMultiDict({"x-ratelimit-reset-requests": "1m30s"})) == 90.0
+    assert retry_after_seconds(CIMultiDict({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
+    assert retry_after_seconds(CIMultiDict({})) == openai_module.DEFAULT_RETRY_AFTER_S
 
 
 # Through the gateway ---------------------------------------------------------------------------

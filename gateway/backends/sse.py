@@ -36,8 +36,20 @@ class SSEDecoder:
         if self._pending_cr and text.startswith("\n"):
             text = text[1:]
         self._pending_cr = False
-        buffer = self._buffer + text
+        buffer = self._buffer + text if self._buffer else text
         events: list[Event] = []
+        if "\r" not in buffer:
+            # The common case, servers that end lines with \n alone: one split for the
+            # whole piece, however many events it holds.
+            lines = buffer.split("\n")
+            self._buffer = lines.pop()
+            for line in lines:
+                event = self._line(line)
+                if event is not None:
+                    events.append(event)
+            if len(self._buffer) > self._max_line_chars:
+                raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
+            return events
         start = 0
         length = len(buffer)
         while start < length:
