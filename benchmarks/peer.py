@@ -174,7 +174,6 @@ def measure_gateway(ctx: Any, upstream_port: int, streams: int, tokens: int) -> 
         ("GATEWAY_OPENAI_BASE_URL", f"http://127.0.0.1:{upstream_port}/v1"),
         ("GATEWAY_OPENAI_MODEL", MODEL),
         ("GATEWAY_OPENAI_MAX_CONNECTIONS", str(max(streams, 1))),
-        ("GATEWAY_OPENAI_MAX_KEEPALIVE_CONNECTIONS", str(max(streams, 1))),
     ))
     spec = {"kind": "stream", "connections": streams, "max_tokens": tokens, "jwt_secret": JWT_SECRET,
             "timeout_s": 300.0}

@@ -525,8 +525,11 @@ def peer_section(ctx: Context) -> Section:
     with peer.running(peer.upstream_process(ctx.pinning, ctx.workdir)) as upstream:
         for streams, tokens in sizes:
             ctx.log(f"peer: upstream directly, {streams} stream(s) x {tokens} tokens")
+            # The direct client reads from the server core, idle in this run: on the upstream's
+            # own core it would wait for the upstream's bursts and inflate the baseline's TTFT.
+            direct_pinning = Pinning(ctx.pinning.server, ctx.pinning.server, ctx.pinning.description)
             rows.append({"who": "upstream directly (SSE)", "n": streams,
-                         **peer.measure_sse(upstream, ctx.pinning, upstream.port, streams, tokens, None)})
+                         **peer.measure_sse(upstream, direct_pinning, upstream.port, streams, tokens, None)})
             ctx.log(f"peer: gateway, {streams} stream(s) x {tokens} tokens")
             rows.append({"who": "gateway (WebSocket)", "n": streams,
                          **peer.measure_gateway(ctx, upstream.port, streams, tokens)})
@@ -567,8 +570,10 @@ def peer_section(ctx: Context) -> Section:
         f"{p.peer_tokens_each} tokens, from a local OpenAI-compatible upstream streaming as fast as it can "
         "(benchmarks/upstream.py, on the load generator's core). The proxy under test (the gateway with "
         "GATEWAY_BACKEND=openai, or LiteLLM with one worker) runs on the server core. Added TTFT is the proxy's "
-        "time to first token minus the upstream's own, measured by the same kind of client (SSE for the upstream "
-        "and LiteLLM, the WebSocket for the gateway); each proxy first serves one warm-up request.",
+        "time to first token minus the upstream's own, measured by the same kind of client (SSE, read with aiohttp, "
+        "for the upstream and LiteLLM; the WebSocket for the gateway); each proxy first serves one warm-up request. "
+        "The upstream's own figures are read from the server core, which is idle in that run, so the client does "
+        "not wait for the upstream's bursts on a shared core.",
         "LiteLLM runs with LITELLM_LOCAL_MODEL_COST_MAP=True, LITELLM_TELEMETRY=False, DISABLE_ADMIN_UI=True, no "
         "DATABASE_URL and a master key sent as the bearer token; the upstream varies its text, because LiteLLM "
         "ends a stream after 100 identical chunks in a row.",
