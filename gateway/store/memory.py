@@ -19,7 +19,8 @@ class _Record:
     tokens: list[str] = field(default_factory=list)
     terminal: str | None = None
     expires_at: float = float("inf")  # monotonic; set when the stream finishes
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    # Created by the first follower that waits, so a write nobody waits for costs no event.
+    changed: anyio.Event | None = None
 
 
 class MemoryStreamStore:
@@ -75,8 +76,10 @@ class MemoryStreamStore:
         return record.meta if record is not None else None
 
     def _notify(self, record: _Record) -> None:
-        record.changed.set()
-        record.changed = anyio.Event()
+        changed = record.changed
+        if changed is not None:
+            record.changed = None
+            changed.set()
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
         record = self._records.get((meta.user, meta.id))
@@ -105,7 +108,6 @@ class MemoryStreamStore:
             return
         position = max(after + 1, 0)
         while True:
-            changed = record.changed
             if position < len(record.tokens):
                 texts = tuple(record.tokens[position:])
                 yield TokenBatch(position, texts)
@@ -114,6 +116,10 @@ class MemoryStreamStore:
             if record.terminal is not None:
                 yield Terminal(record.terminal)
                 return
+            # No await between the checks above and this wait, so no write can be missed.
+            changed = record.changed
+            if changed is None:
+                changed = record.changed = anyio.Event()
             await changed.wait()
 
     async def resumable(self, user: str) -> list[StreamMeta]:
