@@ -501,8 +501,8 @@ def scenario_6(ctx: Context) -> Section:
         "Store writes per token = stream entries written per token (each write is one pipelined round trip: XADD "
         "plus the EXPIREs that keep the TTL counting from the last write); Redis commands per token add the "
         "per-generation commands (create, terminal). Bytes are the stored fields (the JSON list of texts and the "
-        "first seq per entry), before Redis's own overhead. A generation flushes at most every "
-        "FLUSH_INTERVAL_S (50 ms) while it produces, and whatever accumulated during the previous write.",
+        "first seq per entry), before Redis's own overhead. A generation flushes at most once per the Redis "
+        "store's flush_interval_s (50 ms) while it produces, and whatever accumulated during the previous write.",
         "With the store on, the gateway also runs the Redis backplane and limits, as it would in production; "
         "CPU per token includes that process's share of the Redis client work, not Redis's own CPU.",
     ]

@@ -10,10 +10,11 @@ Who owns what:
   the backend (backpressure). A generation with no followers runs at the backend's pace.
 - Tokens are also batched into the stream store by one flusher task per generation, one
   write per batch, so a client can resume on any process. Room generations publish the
-  same batches to the room. After a write the flusher lets ``FLUSH_INTERVAL_S`` pass
-  before the next one (not for rooms, whose members read those batches live), so a paced
-  stream costs the store and the event loop one write per interval, not one per token;
-  the tail and the terminal are written as soon as production ends.
+  same batches to the room. After a write the flusher lets the store's
+  ``flush_interval_s`` pass before the next one (not for rooms, whose members read those
+  batches live), so a paced stream costs the store and the event loop one write per
+  interval, not one per token; the tail and the terminal are written as soon as
+  production ends.
 """
 
 from __future__ import annotations
@@ -55,9 +56,6 @@ ACLOSE_TIMEOUT_S = 2.0
 FINISH_AFTER_LIMIT_WAIT_S = 1.0
 # How long the flusher keeps retrying the store after the generation ended.
 FLUSH_GIVE_UP_S = 30.0
-# The least time between two store writes of one generation while it produces: what a
-# resume on another process may lag behind the live stream.
-FLUSH_INTERVAL_S = 0.05
 
 
 class Sink(Protocol):
@@ -327,11 +325,11 @@ class Generation:
     async def _flusher(self) -> None:
         """Write pending tokens to the store (and the room) one batch at a time; the next
         batch is whatever accumulated while the previous write was in flight, and for at
-        least ``FLUSH_INTERVAL_S`` after it while the generation is producing. While no
+        least the store's ``flush_interval_s`` after it while the generation is producing. While no
         token comes, the stream's TTL is refreshed so a slow generation stays resumable."""
         store = self.hub.store
         meta = self.meta
-        linger = FLUSH_INTERVAL_S if meta.room is None else 0.0
+        linger = store.flush_interval_s if meta.room is None else 0.0
         touch_every = max(self.hub.settings.resume_ttl_s / 3, 1.0)
         last_write = anyio.current_time()
         ended_at: float | None = None

@@ -45,6 +45,9 @@ StreamEvent = TokenBatch | Terminal
 
 class StreamStore(Protocol):
     name: str
+    # The least time between two writes of one producing generation: how far a reader of
+    # the store (a resume on another process) may lag behind the live stream.
+    flush_interval_s: float
 
     async def start(self) -> None: ...
 

@@ -35,6 +35,9 @@ USER_INDEX_MAX = 200
 
 class RedisStreamStore:
     name = "redis"
+    # One round trip per generation every 50 ms at most: a paced stream writes one entry per
+    # interval, not one per token, and a resume elsewhere runs at most that far behind.
+    flush_interval_s = 0.05
 
     def __init__(self, settings: Settings, context: RedisContext) -> None:
         self.ctx = context
