@@ -231,6 +231,18 @@ class Phase:
     client_cpu_s: float
     client_t: float
     server: Sample | None
+    steal_s: float = float("nan")
+
+
+def host_steal_s() -> float:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs since
+    boot (``/proc/stat``); NaN where it is not reported."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 @dataclass
@@ -250,6 +262,9 @@ class LoadRun:
             "server_cpu_s": server_cpu,
             "server_cpu_pct": 100.0 * server_cpu / wall,
             "client_cpu_pct": 100.0 * (b.client_cpu_s - a.client_cpu_s) / client_wall,
+            # A share of all CPUs' time: on a shared host, the run was that much slower than
+            # its own CPU figures say, and its latencies may carry the hypervisor's pauses.
+            "steal_pct": 100.0 * (b.steal_s - a.steal_s) / (wall * (os.cpu_count() or 1)),
         }
 
 
@@ -273,7 +288,7 @@ def run_loadgen(spec: dict[str, Any], server: ServerProcess, pinning: Pinning, t
                     sample = None
                     with contextlib.suppress(psutil.Error):
                         sample = server.sample()
-                    phases[name] = Phase(name, time.monotonic(), float(cpu), float(t), sample)
+                    phases[name] = Phase(name, time.monotonic(), float(cpu), float(t), sample, host_steal_s())
                 elif line.startswith("RESULT "):
                     result = json.loads(line[len("RESULT ") :])
             child.wait()

@@ -64,6 +64,8 @@ def markdown(sections: list[Section], info: dict[str, Any], meta: dict[str, Any]
         f"- Load average before / after: {' '.join(f'{x:.2f}' for x in meta['load_before'])} / "
         f"{' '.join(f'{x:.2f}' for x in meta['load_after'])} (the machine may be shared: compare ratios, "
         "not absolute figures)",
+        f"- Host CPU steal over the run: {meta.get('steal_pct', float('nan')):.1f}% of all CPUs' time (time the "
+        "hypervisor gave other guests; rows where it passed a few percent say so)",
         f"- Command: `{meta['command']}`; took {meta['elapsed_s']:.0f} s",
         "",
     ]

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import choose_pinning, raise_nofile_limit
+from benchmarks.harness import choose_pinning, host_steal_s, raise_nofile_limit
 from benchmarks.report import machine_info, write
 from benchmarks.scenarios import SCENARIOS, Context, Plan, Section, variants_section
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     pinning = choose_pinning()
     started = time.monotonic()
     load_before = os.getloadavg()
+    steal_before = host_steal_s()
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         ctx = Context(plan, pinning, Path(workdir), store_env, args.litellm)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.monotonic() - started,
         "load_before": load_before,
         "load_after": os.getloadavg(),
+        "steal_pct": 100.0 * (host_steal_s() - steal_before) / ((time.monotonic() - started) * (os.cpu_count() or 1)),
     }
     files = write(out, sections, machine_info(), meta)
     for path in files:

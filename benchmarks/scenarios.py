@@ -30,6 +30,8 @@ from benchmarks.harness import (
 
 # A load generator above this share of its core may be what limits the figure.
 CLIENT_BOUND_PCT = 90.0
+# Host CPU steal (other guests of a shared machine) above which a row says so.
+STEAL_NOTE_PCT = 3.0
 LLM_TOKENS_PER_S = 30.0
 LLM_TTFT_MS = 300.0
 DELAY_TARGET_MS = 10.0
@@ -46,6 +48,10 @@ class Plan:
     s3_streams: tuple[int, ...] = (100, 300, 1_000, 3_000)
     s3_tokens_each: int = 150
     s3_stagger_s: float = 2.0
+    # Paced runs per server at the N where the p99 is near the target; the median p99 is
+    # reported, since one pause of a shared host moves a single run's p99 by 10x.
+    s3_repeats: int = 3
+    s3_repeat_up_to: int = 300
     s4_counts: tuple[int, ...] = (1_000, 5_000, 10_000)
     s4_settle_s: float = 2.0
     s4_rest_s: float = 5.0
@@ -67,7 +73,8 @@ class Plan:
     @classmethod
     def smoke(cls) -> Plan:
         return cls(
-            s1_tokens=2_000, repeats=1, s2_streams=5, s2_tokens_each=200, s3_streams=(10,), s3_tokens_each=6,
+            s1_tokens=2_000, repeats=1, s3_repeats=1, s2_streams=5, s2_tokens_each=200, s3_streams=(10,),
+            s3_tokens_each=6,
             s3_stagger_s=0.1, s4_counts=(20,), s4_settle_s=0.2, s4_rest_s=0.3, s5_healthy=5, s5_slow=5,
             s5_slow_tokens=5_000, s5_slow_settle_s=0.3, s5_tail_s=0.2, all_floors_in=("s1",),
             peer_tokens_one=20, peer_streams=3, peer_tokens_each=10,
@@ -121,6 +128,9 @@ def check(result: dict[str, Any], client_cpu_pct: float) -> str:
         problems.append(f"{result['open_failures']} connects failed")
     if client_cpu_pct >= CLIENT_BOUND_PCT:
         problems.append("load generator near 100%: may be the bottleneck")
+    steal = result.get("steal_pct", float("nan"))
+    if steal >= STEAL_NOTE_PCT:
+        problems.append(f"the host took {steal:.0f}% of CPU time for other guests")
     return "; ".join(problems) or "ok"
 
 
@@ -223,9 +233,15 @@ def scenario_3(ctx: Context) -> Section:
     for n in p.s3_streams:
         by_target = {}
         for target in p.targets("s3"):
-            ctx.log(f"s3: {target.name}, {n} paced streams")
-            by_target[target.name] = m = measure_latency(ctx, target, n)
+            repeats = p.s3_repeats if n <= p.s3_repeat_up_to else 1
+            runs = []
+            for _ in range(repeats):
+                ctx.log(f"s3: {target.name}, {n} paced streams")
+                runs.append(measure_latency(ctx, target, n))
+            runs.sort(key=lambda run: run["delay_p99_ms"])
+            by_target[target.name] = m = runs[len(runs) // 2]
             m["n"] = n
+            m["p99_runs_ms"] = [run["delay_p99_ms"] for run in runs]
             rows.append(m)
         floor_p99 = by_target[FLOOR_FASTAPI.name]["delay_p99_ms"]
         for name, m in by_target.items():
@@ -246,6 +262,9 @@ def scenario_3(ctx: Context) -> Section:
         "the added delay by about half the 'start' round trip (start_rtt in the JSON), plus any lateness of "
         "the client's own loop (see load gen CPU); timer slop of the server's sleep counts as added delay, "
         "because it is the server's loop being late.",
+        f"N up to {p.s3_repeat_up_to:,}: the run with the median p99 of {p.s3_repeats} per server (every run's p99 "
+        "is in the JSON as p99_runs_ms); larger N: one run. The check column names runs during which the host "
+        "gave more than a few percent of CPU time to other guests (steal, from /proc/stat).",
         f"Stream starts are spread evenly over {p.s3_stagger_s:g} s, as independent users would be; "
         "all starting at one instant would put every stream's token i in the same millisecond.",
     ]
@@ -378,6 +397,11 @@ def scenario_5(ctx: Context) -> Section:
          "GATEWAY_SLOW_CONSUMER_TIMEOUT_S raised to 120 s here, so none are expected"],
         ["checks", check(b, 0.0), f"baseline: {check(a, 0.0)}"],
     ]
+    ordered = sorted(run.phases.values(), key=lambda phase: phase.t)
+    steal = run.window(ordered[0].name, ordered[-1].name)["steal_pct"] if len(ordered) > 1 else float("nan")
+    if steal >= STEAL_NOTE_PCT:
+        section.rows.append(["host CPU steal during the run", f"{fmt(steal, 1)}%",
+                             "other guests of a shared host: a pause shows up as added delay"])
     section.notes += [
         "The never-reading clients ask for a full-speed generation (benchmarks/backends.py picks the pacing per "
         "request and generates it lazily) and stop reading with a 4 KB receive buffer; the gateway runs with "
