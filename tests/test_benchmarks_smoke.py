@@ -51,6 +51,9 @@ def test_smoke_run_writes_table_chart_and_raw_figures(tmp_path: Path) -> None:
         assert (gateway["target"], floor["target"]) == ("gateway", "floor: FastAPI")
         assert gateway["completed"] == gateway["streams"] and not gateway["errors"]
         assert gateway["tokens"] == floor["tokens"] > 0
+    # Every stream completed with its tokens; notes about the machine (a busy load
+    # generator, CPU stolen by the host) may stand beside that.
     for row in by_key["s3"]["rows"]:
-        assert row[-1] in ("ok",) or "load generator" in row[-1], row
+        assert all(note == "ok" or note.startswith(("load generator", "the host took"))
+                   for note in row[-1].split("; ")), row
     assert all(row[6].split("/")[0] == row[6].split("/")[1] for row in by_key["s4"]["rows"])
