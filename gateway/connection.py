@@ -208,7 +208,9 @@ class Connection:
         "_overflow_drained",
         "_queue",
         "_reader_scope",
-        "_sent",
+        "_sent_frames",
+        "_sent_merged",
+        "_sent_tokens",
         "_socket_gone",
         "_task_group",
         "_writer_exited",
@@ -252,25 +254,32 @@ class Connection:
             token_expires_at=expires_at,
         )
         self.follows: dict[str, Follow | RemoteFollow] = {}
-        self.rooms: set[str] = set()
+        # Created on first use, like the overflow below: most connections never join a
+        # room or cancel a generation they do not follow, and an empty set is 216 bytes.
+        self.rooms: set[str] | None = None
         self.closing = False
         self._reader_scope: anyio.CancelScope | None = None
-        self._cancel_answers: set[str] = set()
+        self._cancel_answers: set[str] | None = None
         # Frames that must not wait (broadcasts, room frames, extra followers) when the
-        # queue is full; see ``push``.
-        self._overflow: deque[Frame] = deque()
-        self._overflow_drained = anyio.Event()
+        # queue is full; see ``push``. Both exist exactly while the overflow holds frames
+        # or the writer is sending its last one, and ``_overflow_drained`` is set when
+        # they are dropped.
+        self._overflow: deque[Frame] | None = None
+        self._overflow_drained: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._writer_running = False
         self._writer_idle = False
         self._writer_exited: anyio.Event | None = None
         self._last_direct_write = -math.inf
-        self._sent = [0, 0, 0]  # frames, tokens, merged tokens not yet added to the metrics
+        # Frames, tokens and merged tokens sent but not yet added to the metrics.
+        self._sent_frames = 0
+        self._sent_tokens = 0
+        self._sent_merged = 0
         self.close_code: int | None = None
         self.close_reason = ""
         self._graceful = False
         self._generation_terminal: tuple[ErrorCode, str] | None = None
-        self._final_frames: list[str] = []
+        self._final_frames: tuple[str, ...] = ()
         self._socket_gone = False
 
     # Lifecycle ------------------------------------------------------------------------------
@@ -332,8 +341,7 @@ class Connection:
             self._report_sent()
             self.hub.unwatch(self)
             self._queue.close()
-            self._overflow.clear()
-            self._overflow_drained.set()  # a producer waiting on it finds the queue closed
+            self._drop_overflow()  # a producer waiting for it to drain finds the queue closed
             self._detach_all()
             with anyio.CancelScope(shield=True):
                 await self._close_socket()
@@ -367,7 +375,7 @@ class Connection:
         self._graceful = graceful and code is not None
         self._socket_gone = code is None
         self._generation_terminal = generation_terminal
-        self._final_frames = list(final_frames)
+        self._final_frames = final_frames
         self.hub.unwatch(self)
         if self._task_group is not None:
             self._on_close_requested()
@@ -444,8 +452,11 @@ class Connection:
                 follow.scope.cancel()
 
     async def _leave_all_rooms(self) -> None:
-        for room in list(self.rooms):
-            self.rooms.discard(room)
+        rooms = self.rooms
+        if not rooms:
+            return
+        for room in list(rooms):
+            rooms.discard(room)
             self.hub.room_left(room, self)
             with anyio.move_on_after(1.0):
                 with contextlib.suppress(Exception):
@@ -467,7 +478,9 @@ class Connection:
         while self._overflow:
             if self.closing:
                 raise ClosedResourceError
-            await self._overflow_drained.wait()
+            drained = self._overflow_drained
+            assert drained is not None
+            await drained.wait()
         transport = self.transport
         if (transport is not None and not self._queue.items and (self._writer_idle or not self._writer_running)
                 and not self.closing):
@@ -504,14 +517,16 @@ class Connection:
         # ``stream`` marks a generation's own frame, so coalescing never moves its tokens
         # across it.
         item = Frame(stream, frame)
-        if not self._overflow and self._put_nowait(item):
+        overflow = self._overflow
+        if not overflow and self._put_nowait(item):
             return
-        if len(self._overflow) >= self.settings.send_queue_size:
+        if overflow is None:
+            overflow = self._overflow = deque()
+            self._overflow_drained = anyio.Event()
+        elif len(overflow) >= self.settings.send_queue_size:
             self._slow_consumer()
             return
-        if not self._overflow:
-            self._overflow_drained = anyio.Event()
-        self._overflow.append(item)
+        overflow.append(item)
         if self.liveness.queue_full(anyio.current_time()):
             self.hub.watch(self, self.liveness.next_deadline())
 
@@ -603,10 +618,11 @@ class Connection:
                         await send({"type": "websocket.send", "text": text})
                 sent = len(frames)
                 overflow = self._overflow
-                while overflow:
-                    await send({"type": "websocket.send", "text": overflow.popleft().text})
-                    sent += 1
-                self._overflow_drained.set()
+                if overflow is not None:
+                    while overflow:
+                        await send({"type": "websocket.send", "text": overflow.popleft().text})
+                        sent += 1
+                    self._drop_overflow()
                 self._count_sent(sent, tokens, merged)
         except _SOCKET_GONE:
             self._request_close(None)
@@ -616,21 +632,29 @@ class Connection:
             if self._writer_exited is not None:
                 self._writer_exited.set()
 
+    def _drop_overflow(self) -> None:
+        self._overflow = None
+        drained = self._overflow_drained
+        if drained is not None:
+            self._overflow_drained = None
+            drained.set()
+
     def _count_sent(self, frames: int, tokens: int, merged: int) -> None:
         # Added to the metrics in batches: a paced stream sends one frame per wake-up,
         # and three locked counter increments per frame were a measurable share of it.
-        sent = self._sent
-        sent[0] += frames
-        sent[1] += tokens
-        sent[2] += merged
-        if sent[0] >= METRICS_EVERY_FRAMES:
+        self._sent_frames += frames
+        self._sent_tokens += tokens
+        self._sent_merged += merged
+        if self._sent_frames >= METRICS_EVERY_FRAMES:
             self._report_sent()
 
     def _report_sent(self) -> None:
-        frames, tokens, merged = self._sent
+        frames = self._sent_frames
         if not frames:
             return
-        self._sent = [0, 0, 0]
+        tokens = self._sent_tokens
+        merged = self._sent_merged
+        self._sent_frames = self._sent_tokens = self._sent_merged = 0
         metrics = self.hub.metrics
         metrics.frames_sent.inc(frames)
         if tokens:
@@ -740,7 +764,7 @@ class Connection:
                                code=ErrorCode.PROMPT_TOO_LONG)
         if message.max_tokens is not None and message.max_tokens > settings.max_tokens:
             raise GatewayError(f"max_tokens must be at most {settings.max_tokens}", code=ErrorCode.BAD_REQUEST)
-        if message.room is not None and message.room not in self.rooms:
+        if message.room is not None and (self.rooms is None or message.room not in self.rooms):
             raise GatewayError("join the room before generating in it", code=ErrorCode.FORBIDDEN)
         stream_id = message.id or new_stream_id()
         if stream_id in self.follows or (self.user, stream_id) in hub.generations:
@@ -810,17 +834,20 @@ class Connection:
 
     def _spawn_cancel_answer(self, stream_id: str, func: Any, *args: Any) -> None:
         """At most one pending answer per id, and no more than the stream limit in all."""
-        if stream_id in self._cancel_answers:
+        answers = self._cancel_answers
+        if answers is None:
+            answers = self._cancel_answers = set()
+        if stream_id in answers:
             return
-        if len(self._cancel_answers) >= self.settings.max_streams_per_connection:
+        if len(answers) >= self.settings.max_streams_per_connection:
             raise GatewayError("too many cancels awaiting their answer", code=ErrorCode.TOO_MANY_STREAMS)
-        self._cancel_answers.add(stream_id)
+        answers.add(stream_id)
 
         async def answer() -> None:
             try:
                 await func(*args)
             finally:
-                self._cancel_answers.discard(stream_id)
+                answers.discard(stream_id)
 
         self._spawn(answer)
 
@@ -912,18 +939,21 @@ class Connection:
     async def _join(self, room: str) -> None:
         if not self._room_allowed(room):
             raise GatewayError("not allowed to join this room", code=ErrorCode.FORBIDDEN)
-        if room in self.rooms:
+        rooms = self.rooms
+        if rooms is None:
+            rooms = self.rooms = set()
+        if room in rooms:
             return
-        if len(self.rooms) >= self.settings.max_rooms_per_connection:
+        if len(rooms) >= self.settings.max_rooms_per_connection:
             raise GatewayError(f"at most {self.settings.max_rooms_per_connection} rooms per connection",
                                code=ErrorCode.BAD_REQUEST)
-        self.rooms.add(room)
+        rooms.add(room)
         self.hub.room_joined(room, self)
         await self._put(Frame(None, encode_room_ack("joined", room)))
         await self._publish_presence(room, "join")
 
     async def _leave(self, room: str) -> None:
-        if room not in self.rooms:
+        if self.rooms is None or room not in self.rooms:
             raise GatewayError("not in this room", code=ErrorCode.NOT_FOUND)
         self.rooms.discard(room)
         self.hub.room_left(room, self)
