@@ -207,7 +207,6 @@ class Connection:
         "_overflow",
         "_overflow_drained",
         "_queue",
-        "_reader_scope",
         "_sent_frames",
         "_sent_merged",
         "_sent_tokens",
@@ -258,7 +257,6 @@ class Connection:
         # room or cancel a generation they do not follow, and an empty set is 216 bytes.
         self.rooms: set[str] | None = None
         self.closing = False
-        self._reader_scope: anyio.CancelScope | None = None
         self._cancel_answers: set[str] | None = None
         # Frames that must not wait (broadcasts, room frames, extra followers) when the
         # queue is full; see ``push``. Both exist exactly while the overflow holds frames
@@ -316,22 +314,19 @@ class Connection:
     async def serve(self) -> None:
         """Run the connection until it closes, then close the socket. Never raises.
 
-        The reader runs here, inside a cancel scope that ends it when the connection must
-        close: at once for an abrupt close, after the flush for a graceful one."""
+        The reader runs here, in the host task of the connection's task group, and ends
+        when that group is cancelled: at once for an abrupt close, after the flush for a
+        graceful one."""
         self._put_nowait(Frame(None, await self.hello_frame()))
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                self._reader_scope = scope = anyio.CancelScope()
                 self._start_writer()
                 if self.closing:  # decided while the hello was being prepared
                     self._on_close_requested()
-                else:
-                    self.hub.watch(self, self.liveness.next_deadline())
-                with scope:
-                    if self.closing:
-                        await anyio.sleep_forever()
-                    await self._reader()
+                    await anyio.sleep_forever()
+                self.hub.watch(self, self.liveness.next_deadline())
+                await self._reader()
                 tg.cancel_scope.cancel()
         except Exception:
             logger.exception("conn=%s user=%s internal error", self.session_id, self.user)
@@ -381,17 +376,18 @@ class Connection:
             self._on_close_requested()
 
     def _on_close_requested(self) -> None:
+        task_group = self._task_group
+        assert task_group is not None
         if self._graceful:
-            assert self._task_group is not None
-            self._task_group.start_soon(self._close_gracefully)
-        elif self._reader_scope is not None:
-            self._reader_scope.cancel()
+            task_group.start_soon(self._close_gracefully)
+        else:
+            task_group.cancel_scope.cancel()
 
     async def _close_gracefully(self) -> None:
         with anyio.move_on_after(GRACEFUL_FLUSH_TIMEOUT_S):
             await self._finish_gracefully()
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
 
     async def _end_followed_generations(self) -> None:
         """Graceful close: each followed generation ends with the closing reason's terminal
