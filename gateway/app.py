@@ -122,6 +122,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await _close(websocket, CloseCode.TRY_AGAIN_LATER, "too many connections for this user")
             return
         connection = Connection(hub, websocket, principal, _new_session_id())
+        # The connection took what it needs; the token and the claims are not kept
+        # alive by this frame for as long as the connection is open.
+        del principal, credentials
         hub.connections.add(connection)
         try:
             await connection.serve()

@@ -207,6 +207,7 @@ class Connection:
         "_overflow",
         "_overflow_drained",
         "_queue",
+        "_rooms_claim",
         "_sent_frames",
         "_sent_merged",
         "_sent_tokens",
@@ -221,7 +222,6 @@ class Connection:
         "follows",
         "hub",
         "liveness",
-        "principal",
         "rooms",
         "session_id",
         "settings",
@@ -234,13 +234,15 @@ class Connection:
         self.hub = hub
         self.settings = hub.settings
         self.websocket = websocket
-        self.principal = principal
         self.user = principal.user
         self.session_id = session_id
         transport = websocket.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
         self.transport: TransportControl | None = transport if isinstance(transport, TransportControl) else None
         settings = self.settings
         self._queue = SendQueue(settings.send_queue_size)
+        # The one claim consulted after the handshake; the principal and its other claims
+        # are not kept for as long as the connection is open.
+        self._rooms_claim = principal.claims.get(settings.rooms_claim)
         now = anyio.current_time()
         expires_at = None
         if principal.expires_at is not None:
@@ -927,7 +929,7 @@ class Connection:
     # Rooms --------------------------------------------------------------------------------
 
     def _room_allowed(self, room: str) -> bool:
-        claim = self.principal.claims.get(self.settings.rooms_claim)
+        claim = self._rooms_claim
         if claim == "*" or (isinstance(claim, list) and "*" in claim):
             return True
         return isinstance(claim, list) and room in claim
