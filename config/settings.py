@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     openai_extra_headers: SecretStr | None = None
     openai_max_connections: int = Field(default=100, ge=1)
     openai_keepalive_s: float = Field(default=15.0, gt=0)
+    # An HTTP proxy for upstream requests (https upstreams tunnel through it with CONNECT);
+    # a secret, as its URL may carry credentials. The process environment's HTTP(S)_PROXY
+    # and ~/.netrc are not consulted.
+    openai_proxy: SecretStr | None = None
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(default=60.0, gt=0)
     upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
@@ -183,6 +187,13 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("openai_base_url must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("openai_proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("openai_proxy must start with http:// or https://")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -314,6 +314,19 @@ async def test_a_finished_stream_keeps_its_connection_and_an_abandoned_one_does_
         assert upstream.connections == 2  # the abandoned response's connection was dropped
 
 
+async def test_requests_go_through_the_configured_proxy(upstream: FakeUpstream) -> None:
+    # The fake upstream stands in for the proxy: a request for an http URL sent to a proxy
+    # carries the absolute URL in its request line, and the host named there does not exist.
+    settings = settings_for(upstream, openai_base_url="http://upstream.invalid/v1",
+                            openai_proxy=f"http://127.0.0.1:{upstream.port}")
+    async with started(settings) as backend:
+        texts, finish, error = await collect(backend, request("via the proxy"))
+        assert error is None and texts == ["via ", "the ", "proxy"] and finish is not None
+        assert await backend.ready()
+    assert [seen.path for seen in upstream.requests] == ["http://upstream.invalid/v1/chat/completions",
+                                                         "http://upstream.invalid/v1/models"]
+
+
 async def test_ready_checks_models_and_caches(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
     async with started(settings_for(upstream)) as backend:
         assert await backend.ready()

@@ -62,6 +62,7 @@ def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     {"openai_extra_headers": "X-Key"},
     {"openai_extra_headers": "bad name=1"},
     {"openai_base_url": "ftp://models.example"},
+    {"openai_proxy": "proxy.example:3128"},
     {"openai_api": "responses"},
     {"local_max_concurrency": 0},
 ])
@@ -117,3 +118,9 @@ def test_tracebacks_in_logs_are_redacted() -> None:
     text = stream.getvalue()
     assert "RuntimeError" in text and "Traceback" in text
     assert jwt_like not in text and "abc123" not in text
+
+
+def test_a_refused_proxy_url_does_not_show_its_credentials() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, openai_proxy="socks5://user:hunter2-secret@proxy")  # type: ignore[call-arg]
+    assert "hunter2-secret" not in str(caught.value)

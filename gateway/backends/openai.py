@@ -192,8 +192,9 @@ class OpenAIBackend:
         self._headers = dict(settings.openai_headers)
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
+        self._proxy = settings.openai_proxy.get_secret_value() if settings.openai_proxy else None
         # Longest first, so a secret that contains another is removed whole.
-        candidates = [key, *settings.openai_headers.values()]
+        candidates = [key, *settings.openai_headers.values(), self._proxy or ""]
         self._secrets = tuple(sorted({s for s in candidates if len(s) >= 4}, key=len, reverse=True))
         self._include_usage = True
         self._ready_until = -math.inf
@@ -211,8 +212,10 @@ class OpenAIBackend:
             # a pooled connection by the first-token deadline, not by per-read timeouts.
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=s.upstream_connect_timeout_s,
                                           sock_read=None),
-            # Like curl and the OpenAI SDK: HTTP(S)_PROXY and NO_PROXY from the environment.
-            trust_env=True,
+            # The proxy comes from settings. Trusting the environment would also read
+            # ~/.netrc on every request (in a thread), and a netrc entry for the upstream's
+            # host would make aiohttp refuse every request that carries the API key.
+            trust_env=False,
             raise_for_status=False,
         )
         self._ready_lock = anyio.Lock()
@@ -233,7 +236,7 @@ class OpenAIBackend:
             ok = False
             with anyio.move_on_after(self.settings.upstream_connect_timeout_s + 5.0):
                 try:
-                    async with session.get(self._models_url) as response:
+                    async with session.get(self._models_url, proxy=self._proxy) as response:
                         ok = response.status == 200
                         if not ok:
                             logger.warning("upstream readiness check: HTTP %d", response.status)
@@ -305,7 +308,7 @@ class OpenAIBackend:
         response: aiohttp.ClientResponse | None = None
         with anyio.CancelScope(deadline=deadline):
             try:
-                response = await session.post(self._url, data=orjson.dumps(body),
+                response = await session.post(self._url, data=orjson.dumps(body), proxy=self._proxy,
                                               headers={"Accept": "text/event-stream",
                                                        "Content-Type": "application/json"})
             except TimeoutError as exc:
