@@ -15,10 +15,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -142,6 +142,26 @@ class Sample:
     rss: int
 
 
+def wait_listening(popen: subprocess.Popen[bytes], port: int, name: str, tail: Callable[[], str],
+                   timeout: float) -> None:
+    """Until a child process accepts connections on ``port``; its log's tail if it exits or
+    does not listen in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"{name} exited at start:\n{tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen within {timeout:.0f}s:\n{tail()}")
+
+
+def log_tail(log: IO[bytes], path: Path, lines: int = 20) -> str:
+    """The last lines a child process wrote to ``log`` (open at ``path``)."""
+    log.flush()
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 class ServerProcess:
     """A server under test in its own process, pinned, on a free loopback port."""
 
@@ -165,19 +185,10 @@ class ServerProcess:
         self._sampling = threading.Event()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.target.name} exited at start:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.target.name} did not listen within {timeout}s:\n{self.log_tail()}")
+        wait_listening(self.popen, self.port, self.target.name, self.log_tail, timeout)
 
     def log_tail(self, lines: int = 20) -> str:
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return log_tail(self._log, self.log_path, lines)
 
     def sample(self) -> Sample:
         times = self.process.cpu_times()

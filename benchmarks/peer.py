@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,18 @@ from typing import Any
 
 import psutil
 
-from benchmarks.harness import JWT_SECRET, ROOT, Pinning, ServerOptions, ServerProcess, Target, free_port, run_loadgen
+from benchmarks.harness import (
+    JWT_SECRET,
+    ROOT,
+    Pinning,
+    ServerOptions,
+    ServerProcess,
+    Target,
+    free_port,
+    log_tail,
+    run_loadgen,
+    wait_listening,
+)
 
 DEFAULT_LITELLM = "/tmp/venv-litellm/bin/litellm"
 MASTER_KEY = "sk-bench-master-key"
@@ -76,16 +86,10 @@ class Process:
         raise RuntimeError(f"{self.name} not healthy within {timeout:.0f}s:\n{self.log_tail()}")
 
     def wait_port(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not listen:\n{self.log_tail()}")
+        wait_listening(self.popen, self.port, self.name, self.log_tail, timeout)
 
     def log_tail(self, lines: int = 20) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self._log, self.log_path, lines)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
