@@ -119,8 +119,8 @@ class Generation:
         self.cancel_outcome = "cancelled"
         self.last_remote_follow = -float("inf")
         self.detached_at: float | None = None
-        self._pending: list[str] = []
-        self._pending_first = 0
+        # Tokens before this index are in the store; the rest wait for the flusher.
+        self._stored = 0
         self._flusher_waiter: asyncio.Future[None] | None = None
         self._flusher_lingering = False
         self._producing = True
@@ -225,12 +225,9 @@ class Generation:
                                 continue
                             if count == 0:
                                 hub.metrics.ttft.observe(anyio.current_time() - self.accepted_at)
+                            if self._stored == count and not self._flusher_lingering:
+                                self._wake_flusher()
                             self.tokens.append(text)
-                            if not self._pending:
-                                self._pending_first = count
-                                if not self._flusher_lingering:
-                                    self._wake_flusher()
-                            self._pending.append(text)
                             if follows:
                                 item = Token(ref, count, text)
                                 if len(follows) == 1:
@@ -335,16 +332,17 @@ class Generation:
         ended_at: float | None = None
         lost = False
         while True:
-            if not self._pending:
+            if self._stored == len(self.tokens):
                 if not self._producing:
                     break
                 await self._flusher_wait(max(last_write + touch_every - anyio.current_time(), 0.0))
-                if not self._pending and self._producing and anyio.current_time() - last_write >= touch_every:
+                if (self._stored == len(self.tokens) and self._producing
+                        and anyio.current_time() - last_write >= touch_every):
                     with contextlib.suppress(Exception):
                         await store.touch(meta)
                     last_write = anyio.current_time()
                 continue
-            batch = TokenBatch(self._pending_first, tuple(self._pending))
+            batch = TokenBatch(self._stored, tuple(self.tokens[self._stored:]))
             try:
                 if self._producing:
                     await store.write(meta, batch)
@@ -361,8 +359,7 @@ class Generation:
                 await anyio.sleep(0.2)
                 continue
             last_write = anyio.current_time()
-            del self._pending[: len(batch.texts)]
-            self._pending_first += len(batch.texts)
+            self._stored += len(batch.texts)
             if meta.room is not None:
                 await self._publish_room(
                     [encode_tokens(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
