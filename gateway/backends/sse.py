@@ -37,44 +37,17 @@ class SSEDecoder:
             text = text[1:]
         self._pending_cr = False
         buffer = self._buffer + text if self._buffer else text
-        events: list[Event] = []
-        if "\r" not in buffer:
-            # The common case, servers that end lines with \n alone: one split for the
-            # whole piece, however many events it holds.
-            lines = buffer.split("\n")
-            self._buffer = lines.pop()
-            for line in lines:
-                event = self._line(line)
-                if event is not None:
-                    events.append(event)
-            if len(self._buffer) > self._max_line_chars:
-                raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
-            return events
-        start = 0
-        length = len(buffer)
-        while start < length:
-            cr = buffer.find("\r", start)
-            lf = buffer.find("\n", start)
-            if cr == -1 and lf == -1:
-                break
-            end = lf if cr == -1 else cr if lf == -1 else min(cr, lf)
-            line = buffer[start:end]
-            if buffer[end] == "\r":
-                if end + 1 < length:
-                    start = end + 2 if buffer[end + 1] == "\n" else end + 1
-                else:
-                    # A \r at the end of a piece: a \n may start the next one.
-                    self._pending_cr = True
-                    start = end + 1
-            else:
-                start = end + 1
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        self._buffer = buffer[start:]
+        if "\r" in buffer:
+            # CR LF, CR and LF each end a line. A CR that ends the piece ends its line now,
+            # and an LF that starts the next piece is its other half.
+            self._pending_cr = buffer.endswith("\r")
+            buffer = buffer.replace("\r\n", "\n").replace("\r", "\n")
+        # One split for the whole piece, however many events it holds.
+        lines = buffer.split("\n")
+        self._buffer = lines.pop()
         if len(self._buffer) > self._max_line_chars:
             raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
-        return events
+        return [event for line in lines if (event := self._line(line)) is not None]
 
     @property
     def partial(self) -> bool:
