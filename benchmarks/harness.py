@@ -167,7 +167,6 @@ class ServerProcess:
 
     def __init__(self, target: Target, options: ServerOptions, pinning: Pinning, workdir: Path) -> None:
         self.target = target
-        self.options = options
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -181,8 +180,6 @@ class ServerProcess:
         # cwd is an empty directory, so a developer's .env cannot change what is measured.
         self.popen = subprocess.Popen(command, env=env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT)
         self.process = psutil.Process(self.popen.pid)
-        self.rss_samples: list[Sample] = []
-        self._sampling = threading.Event()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         wait_listening(self.popen, self.port, self.target.name, self.log_tail, timeout)

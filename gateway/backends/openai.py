@@ -185,9 +185,9 @@ class OpenAIBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
-        self._url = settings.openai_base_url.rstrip("/") + (
+        self._url = settings.openai_base_url + (
             "/chat/completions" if settings.openai_api == "chat" else "/completions")
-        self._models_url = settings.openai_base_url.rstrip("/") + "/models"
+        self._models_url = settings.openai_base_url + "/models"
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
         self._headers = dict(settings.openai_headers)
         if key:
