@@ -480,8 +480,7 @@ class Connection:
             assert drained is not None
             await drained.wait()
         transport = self.transport
-        if (transport is not None and not self._queue.items and (self._writer_idle or not self._writer_running)
-                and not self.closing):
+        if transport is not None and self._writer_quiet() and not self.closing:
             now = anyio.current_time()
             if now - self._last_direct_write >= DIRECT_WRITE_GAP_S:
                 self._last_direct_write = now
@@ -546,13 +545,17 @@ class Connection:
         self.hub.metrics.closes.labels("slow_consumer").inc()
         self._request_close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
+    def _writer_quiet(self) -> bool:
+        """Nothing is queued and the writer is not writing: a frame written to the socket
+        now cannot overtake another."""
+        return not self._queue.items and (self._writer_idle or not self._writer_running)
+
     def _put_nowait(self, item: OutItem) -> bool:
         queue = self._queue
-        if (type(item) is Frame and self.transport is not None and self._task_group is not None and not queue.items
-                and not queue.closed and (self._writer_idle or not self._writer_running)
-                and self.transport.send_texts([item.text])):
-            # Nothing queued and no write in flight: a heartbeat or a broadcast goes out
-            # now, without starting the writer task for one frame.
+        if (type(item) is Frame and self.transport is not None and self._task_group is not None
+                and not queue.closed and self._writer_quiet() and self.transport.send_texts([item.text])):
+            # A heartbeat or a broadcast goes out now, without starting the writer task
+            # for one frame.
             self._count_sent(1, 0, 0)
             return True
         try:
