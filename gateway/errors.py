@@ -92,5 +92,9 @@ class AuthError(Exception):
         self.message = message
 
 
-class RedisUnavailable(RuntimeError):
+class Unavailable(Exception):
+    """A dependency of the process (Redis, the stream store) cannot be reached right now."""
+
+
+class RedisUnavailable(Unavailable, RuntimeError):
     """Redis could not be reached at start; the message names the URL without its password."""

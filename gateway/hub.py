@@ -27,6 +27,7 @@ from gateway.liveness import Deadlines
 from gateway.metrics import Metrics
 from gateway.protocol import encode_broadcast, encode_error
 from gateway.store.base import StreamStore
+from gateway.supervise import supervise
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
@@ -70,8 +71,6 @@ class Hub:
     # Lifecycle ------------------------------------------------------------------------------
 
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
-        from gateway.redis_support import supervise
-
         self._task_group = task_group
         if self.redis is not None:
             redis = self.redis

@@ -7,9 +7,8 @@ Imported only when ``GATEWAY_REDIS_URL`` is set, so redis-py stays an optional d
 from __future__ import annotations
 
 import logging
-import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
@@ -116,23 +115,3 @@ class RedisContext:
                 self.report(False)
             await anyio.sleep(interval)
 
-
-async def supervise(name: str, loop: Callable[[], Awaitable[None]], on_failure: Callable[[], None] = lambda: None,
-                    max_backoff_s: float = 5.0) -> None:
-    """Run ``loop`` forever: when it fails it is logged and restarted with jittered backoff,
-    so no background listener dies silently."""
-    backoff = 0.1
-    while True:
-        started = anyio.current_time()
-        try:
-            await loop()
-        except (RedisError, OSError, TimeoutError) as exc:
-            on_failure()
-            logger.warning("%s: %s; restarting in %.1fs", name, type(exc).__name__, backoff)
-        except Exception:
-            on_failure()
-            logger.exception("%s failed; restarting in %.1fs", name, backoff)
-        if anyio.current_time() - started > 30:
-            backoff = 0.1  # it ran fine for a while: this is a new outage
-        await anyio.sleep(backoff * (0.5 + random.random()))
-        backoff = min(backoff * 2, max_backoff_s)

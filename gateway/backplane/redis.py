@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 
+from redis.exceptions import RedisError
+
 from gateway.backplane.base import ControlMessage, Handler
+from gateway.errors import RedisUnavailable
 from gateway.redis_support import RedisContext
 
 logger = logging.getLogger("gateway.backplane")
@@ -50,6 +53,8 @@ class RedisBackplane:
                         self._handler(payload)
                     except Exception:
                         logger.exception("backplane handler failed")
+        except RedisError as exc:
+            raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
