@@ -18,10 +18,11 @@ from gateway.auth import Authenticator, Principal, extract_credentials, origin_a
 from gateway.backends import load_backend
 from gateway.cluster import build_cluster
 from gateway.connection import Connection
-from gateway.errors import AuthError, CloseCode, RedisUnavailable
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.protocol import AuthMessage, FrameError, parse_client_frame
+from gateway.wire.codes import CloseCode
+from gateway.wire.errors import AuthError, FrameError, Unavailable
+from gateway.wire.inbound import AuthMessage, parse_client_frame
 
 logger = logging.getLogger("gateway.app")
 
@@ -197,7 +198,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with anyio.create_task_group() as task_group:
             try:
                 await hub.start(task_group)
-            except RedisUnavailable as exc:
+            except Unavailable as exc:
                 logger.error("%s", exc)
                 raise
             await backend.start()

@@ -20,8 +20,8 @@ import jwt
 import jwt.types
 
 from config import Settings
-from gateway.errors import AuthError
-from gateway.protocol import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+from gateway.wire.errors import AuthError
 
 logger = logging.getLogger("gateway.auth")
 

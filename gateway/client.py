@@ -39,7 +39,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from gateway.errors import CloseCode
+from gateway.wire.codes import CloseCode
 
 logger = logging.getLogger("gateway.client")
 

@@ -36,37 +36,35 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.auth import Principal
 from gateway.backends import ChatTurn, GenerationRequest
-from gateway.errors import CloseCode, ErrorCode, GatewayError
 from gateway.generation import Follow, Generation
 from gateway.hub import Hub
 from gateway.liveness import Due, Liveness
-from gateway.protocol import (
-    PING_FRAME,
-    PONG_FRAME,
+from gateway.server import TRANSPORT_EXTENSION, TransportControl
+from gateway.store.base import StreamMeta, TokenBatch
+from gateway.wire.coalesce import Frame, OutItem, StreamRef, Token, coalesce, encode_item
+from gateway.wire.codes import CloseCode, ErrorCode
+from gateway.wire.errors import FrameError, GatewayError
+from gateway.wire.inbound import (
     AuthMessage,
     CancelMessage,
-    Frame,
-    FrameError,
     GenerateMessage,
     JoinMessage,
     LeaveMessage,
-    OutItem,
     PingMessage,
     ResumeMessage,
-    StreamRef,
-    Token,
-    coalesce,
+    parse_client_frame,
+)
+from gateway.wire.outbound import (
+    PING_FRAME,
+    PONG_FRAME,
     encode_error,
-    encode_gateway_error,
+    encode_exception,
     encode_hello,
     encode_presence,
     encode_room_ack,
     encode_start,
-    encode_tokens,
-    parse_client_frame,
+    encode_token,
 )
-from gateway.server import TRANSPORT_EXTENSION, TransportControl
-from gateway.store.base import StreamMeta, TokenBatch
 
 logger = logging.getLogger("gateway.connection")
 
@@ -485,10 +483,10 @@ class Connection:
             if now - self._last_direct_write >= DIRECT_WRITE_GAP_S:
                 self._last_direct_write = now
                 if type(item) is Token:
-                    if transport.send_texts([encode_tokens(item.stream.id_json, item.seq, item.text)]):
+                    if transport.send_texts([encode_token(item.stream.id_json, item.seq, item.text)]):
                         self._count_sent(1, 1, 0)
                         return
-                elif transport.send_texts([item.text]):
+                elif transport.send_texts([encode_item(item)]):
                     self._count_sent(1, 0, 0)
                     return
         await self._put(item)
@@ -529,10 +527,7 @@ class Connection:
 
     def push_item(self, item: OutItem) -> None:
         """A generation's frame for a follower that must not hold the producer back."""
-        if type(item) is Token:
-            self.push(encode_tokens(item.stream.id_json, item.seq, item.text), item.stream)
-        else:
-            self.push(item.text, item.stream)
+        self.push(encode_item(item), item.stream)
 
     def push_room(self, frames: list[Any]) -> None:
         """Room fan-out never blocks the producer (see ``push``)."""
@@ -579,7 +574,7 @@ class Connection:
     async def _send_error(self, stream_id: str | None, exc: GatewayError) -> None:
         self.hub.metrics.errors.labels(str(exc.code)).inc()
         with contextlib.suppress(ClosedResourceError, anyio.BrokenResourceError):
-            await self._put(Frame(None, encode_gateway_error(stream_id, exc)))
+            await self._put(Frame(None, encode_exception(stream_id, exc)))
 
     # Tasks --------------------------------------------------------------------------------
 

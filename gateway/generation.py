@@ -30,20 +30,12 @@ import anyio
 from anyio import BrokenResourceError, ClosedResourceError
 
 from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
-from gateway.errors import ErrorCode, GatewayError
 from gateway.limits.base import Lease
-from gateway.protocol import (
-    Frame,
-    OutItem,
-    StreamRef,
-    Token,
-    encode_done,
-    encode_error,
-    encode_gateway_error,
-    encode_start,
-    encode_tokens,
-)
 from gateway.store.base import StreamMeta, Terminal, TokenBatch
+from gateway.wire.coalesce import Frame, OutItem, StreamRef, Token
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError
+from gateway.wire.outbound import encode_done, encode_error, encode_exception, encode_start, encode_token
 
 if TYPE_CHECKING:
     from gateway.hub import Hub
@@ -269,7 +261,7 @@ class Generation:
                 terminal = self.cancel_frame or encode_done(request.id, "cancelled", 0, count)
                 outcome = self.cancel_outcome
         except GatewayError as exc:
-            terminal = encode_gateway_error(request.id, exc)
+            terminal = encode_exception(request.id, exc)
             outcome = str(exc.code)
             hub.metrics.errors.labels(str(exc.code)).inc()
             logger.info("user=%s stream=%s generation failed: %s", self.meta.user, request.id, exc.code)
@@ -362,7 +354,7 @@ class Generation:
             self._stored += len(batch.texts)
             if meta.room is not None:
                 await self._publish_room(
-                    [encode_tokens(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
+                    [encode_token(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
             if linger and self._producing:
                 self._flusher_lingering = True
                 try:

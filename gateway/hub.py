@@ -20,14 +20,14 @@ from config import Settings
 from gateway.auth import Authenticator
 from gateway.backends import Backend
 from gateway.backplane.base import Backplane, ControlMessage
-from gateway.errors import ErrorCode
 from gateway.generation import Generation
 from gateway.limits.base import LimitStore
 from gateway.liveness import Deadlines
 from gateway.metrics import Metrics
-from gateway.protocol import encode_broadcast, encode_error
 from gateway.store.base import StreamStore
 from gateway.supervise import supervise
+from gateway.wire.codes import ErrorCode
+from gateway.wire.outbound import encode_broadcast, encode_error
 
 if TYPE_CHECKING:
     from gateway.connection import Connection

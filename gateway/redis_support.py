@@ -16,9 +16,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway.errors import RedisUnavailable
+from gateway.wire.errors import Unavailable
 
 logger = logging.getLogger("gateway.redis")
+
+
+class RedisUnavailable(Unavailable, RuntimeError):
+    """Redis could not be reached; the message names the URL without its password."""
 
 
 def redact_url(url: str) -> str:

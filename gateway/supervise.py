@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from gateway.errors import Unavailable
+from gateway.wire.errors import Unavailable
 
 logger = logging.getLogger("gateway.supervise")
 

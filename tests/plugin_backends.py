@@ -15,7 +15,7 @@ import anyio
 
 from config import Settings
 from gateway.backends import Chunk, FinishChunk, GenerationRequest, TokenChunk
-from gateway.errors import BackendError
+from gateway.wire.errors import BackendError
 
 
 @dataclass

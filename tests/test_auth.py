@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.auth import Authenticator, extract_credentials, origin_allowed
-from gateway.errors import AuthError
+from gateway.wire.errors import AuthError
 from tests.support import SECRET, ServerThread, make_settings, mint, recv_json, ws_connect
 
 pytestmark = pytest.mark.anyio

@@ -21,7 +21,8 @@ import pytest
 from gateway.backends import Backend, FinishChunk, GenerationRequest, TokenChunk, load_backend
 from gateway.backends.echo import split_words
 from gateway.backends.synthetic import synthetic_tokens
-from gateway.errors import ErrorCode, GatewayError
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import make_settings
 

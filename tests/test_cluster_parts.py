@@ -10,9 +10,10 @@ import anyio
 import pytest
 
 from config import Settings
-from gateway.errors import ErrorCode, GatewayError, RateLimited
 from gateway.limits.base import LimitStore
 from gateway.store.base import StreamEvent, StreamMeta, StreamStore, Terminal, TokenBatch
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError, RateLimited
 from tests.redis_support import TEST_REDIS_URL, require_redis, unique_prefix
 from tests.support import make_settings
 

@@ -17,7 +17,8 @@ from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
 from gateway.backends import openai as openai_module
 from gateway.backends.echo import split_words
 from gateway.backends.openai import OpenAIBackend, map_finish_reason, retry_after_seconds, sanitize
-from gateway.errors import ErrorCode, GatewayError
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import (
     ServerThread,

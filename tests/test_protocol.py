@@ -8,24 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import ErrorCode
-from gateway.protocol import (
+from gateway.wire.coalesce import Frame, StreamRef, Token, coalesce
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import FrameError
+from gateway.wire.inbound import (
     AuthMessage,
     CancelMessage,
-    Frame,
-    FrameError,
     GenerateMessage,
     PingMessage,
     PongMessage,
-    StreamRef,
-    Token,
-    coalesce,
-    encode_done,
-    encode_error,
-    encode_start,
-    encode_tokens,
     parse_client_frame,
 )
+from gateway.wire.outbound import encode_done, encode_error, encode_start, encode_token
 
 
 def test_generate_with_prompt_and_options() -> None:
@@ -107,7 +101,7 @@ def test_other_messages() -> None:
 
 def test_encoders_produce_the_documented_frames() -> None:
     assert json.loads(encode_start("r1")) == {"type": "start", "id": "r1"}
-    assert json.loads(encode_tokens(json.dumps("r1"), 3, 'a "q"\n')) == {
+    assert json.loads(encode_token(json.dumps("r1"), 3, 'a "q"\n')) == {
         "type": "token", "id": "r1", "seq": 3, "text": 'a "q"\n'}
     assert json.loads(encode_done("r1", "stop", 2, 3)) == {
         "type": "done", "id": "r1", "finish_reason": "stop",

@@ -8,7 +8,7 @@ finish reason and usage. Guarantees the gateway relies on:
 - the gateway may stop iterating at any time (a cancel, a closed socket, ``max_tokens``);
   it then calls ``aclose()`` on the iterator promptly, so a backend written as an async
   generator can stop its upstream work in a ``finally`` block;
-- faults are raised as ``gateway.errors.GatewayError`` subclasses (``BackendError``,
+- faults are raised as ``gateway.wire.errors.GatewayError`` subclasses (``BackendError``,
   ``BackendTimeout``, ``RateLimited``); any other exception reaches the client as
   ``internal`` with no detail.
 """

@@ -43,7 +43,7 @@ import orjson
 from config import Settings
 from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
 from gateway.backends.sse import SSEDecoder, SSEError
-from gateway.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
+from gateway.wire.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
 
 logger = logging.getLogger("gateway.backends.openai")
 

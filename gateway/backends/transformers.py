@@ -34,7 +34,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from config import Settings
 from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
-from gateway.errors import BackendError, ErrorCode, GatewayError
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import BackendError, GatewayError
 
 logger = logging.getLogger("gateway.backends.transformers")
 

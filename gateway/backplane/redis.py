@@ -16,8 +16,7 @@ import logging
 from redis.exceptions import RedisError
 
 from gateway.backplane.base import ControlMessage, Handler
-from gateway.errors import RedisUnavailable
-from gateway.redis_support import RedisContext
+from gateway.redis_support import RedisContext, RedisUnavailable
 
 logger = logging.getLogger("gateway.backplane")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import anyio
 
 from config import Settings
-from gateway.errors import ErrorCode, GatewayError, RateLimited
 from gateway.limits.base import Lease
 from gateway.liveness import TokenBucket
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError, RateLimited
 
 
 def too_many_streams(limit: int) -> GatewayError:

@@ -16,10 +16,10 @@ import logging
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway.errors import RateLimited
 from gateway.limits.base import Lease
 from gateway.limits.memory import MemoryLimitStore, too_many_streams
 from gateway.redis_support import RedisContext
+from gateway.wire.errors import RateLimited
 
 logger = logging.getLogger("gateway.limits")
 

@@ -22,10 +22,10 @@ import anyio
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway.errors import ErrorCode
-from gateway.protocol import encode_error
 from gateway.redis_support import RedisContext
 from gateway.store.base import StreamEvent, StreamMeta, Terminal, TokenBatch
+from gateway.wire.codes import ErrorCode
+from gateway.wire.outbound import encode_error
 
 # How long one blocking read waits before checking that the producer is alive.
 FOLLOW_BLOCK_MS = 1000
