@@ -18,7 +18,7 @@ from typing import Any
 
 from config import Settings
 from gateway.app import create_app
-from gateway.server import GatewayServer, uvicorn_config
+from gateway.transport.uvicorn import GatewayServer, uvicorn_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -38,6 +38,8 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
         # Validation errors are logged at start: they must not show a value, which may be a secret.
         hide_input_in_errors=True,
+        # Fields with an alias (cluster_url) can be passed by their name too.
+        populate_by_name=True,
     )
 
     # Server
@@ -120,7 +122,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
     # Scale-out and resume
-    redis_url: str | None = None
+    # memory:// (one process) or redis:// / rediss:// (any number of processes share
+    # streams, limits and control messages). GATEWAY_REDIS_URL is accepted as its old name.
+    cluster_url: str = Field(default="memory://",
+                             validation_alias=AliasChoices("GATEWAY_CLUSTER_URL", "GATEWAY_REDIS_URL", "redis_url"))
     redis_prefix: str = "gw:"
     redis_max_connections: int = Field(default=64, ge=2)
     resume_ttl_s: float = Field(default=300.0, gt=0)

@@ -26,7 +26,7 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import serve
+    from gateway.serve import serve
 
     settings = _settings(host=args.host, port=args.port, workers=args.workers)
     try:
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from gateway.auth import Authenticator
+    from gateway.auth import JWTAuthenticator
 
     settings = _settings()
     if settings.jwt_secret is None:
@@ -50,7 +50,7 @@ def _token(args: argparse.Namespace) -> int:
     claims = {}
     if args.roles:
         claims["roles"] = [r.strip() for r in args.roles.split(",") if r.strip()]
-    print(Authenticator(settings).mint(args.sub, ttl_s=args.ttl, **claims))
+    print(JWTAuthenticator(settings).mint(args.sub, ttl_s=args.ttl, **claims))
     return 0
 
 
@@ -58,7 +58,7 @@ def _chat_token(args: argparse.Namespace) -> str | None:
     """The token for ``gateway chat``: --token, or in development one minted from the local key."""
     if args.token:
         return str(args.token)
-    from gateway.auth import Authenticator
+    from gateway.auth import JWTAuthenticator
 
     settings = _settings()
     if settings.auth == "none":
@@ -70,7 +70,7 @@ def _chat_token(args: argparse.Namespace) -> str | None:
         )
     print(f"[no --token: minted a development token for user {args.user!r} from GATEWAY_JWT_SECRET]",
           file=sys.stderr)
-    return Authenticator(settings).mint(args.user, ttl_s=args.ttl)
+    return JWTAuthenticator(settings).mint(args.user, ttl_s=args.ttl)
 
 
 def _chat(args: argparse.Namespace) -> int:

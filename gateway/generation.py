@@ -4,7 +4,8 @@ Who owns what:
 - The hub's task group owns every ``Generation.run``. A generation ends when its backend
   finishes, when it is cancelled (a ``cancel``, nobody resumed it within the grace
   period, the drain timeout, the token expiry of the connection following it), or when
-  the backend fails. Exactly one terminal frame is produced, and it is stored.
+  the backend fails. Exactly one terminal event (``Done`` or ``Failed``) is produced, and
+  it is stored. Nothing here encodes for the wire: followers get typed items.
 - Connections *follow* a generation. A local follower gets every token pushed into its
   send queue by the producer, which waits when the queue is full: a slow reader pauses
   the backend (backpressure). A generation with no followers runs at the backend's pace.
@@ -24,21 +25,21 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio import BrokenResourceError, ClosedResourceError
 
-from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
-from gateway.limits.base import Lease
-from gateway.store.base import StreamMeta, Terminal, TokenBatch
-from gateway.wire.coalesce import Frame, OutItem, StreamRef, Token
+from config import Settings
+from gateway.backends import Backend, FinishChunk, GenerationRequest, TokenChunk
+from gateway.cluster.base import Lease, StreamMeta, StreamStore, TokenBatch
+from gateway.cluster.control import ControlMessage, RoomEnd, RoomEvent, RoomEvents, RoomStart, RoomTokens
+from gateway.core.ports import Follower
+from gateway.metrics import Metrics
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token
 from gateway.wire.codes import ErrorCode
-from gateway.wire.errors import GatewayError
-from gateway.wire.outbound import encode_done, encode_error, encode_exception, encode_start, encode_token
-
-if TYPE_CHECKING:
-    from gateway.hub import Hub
+from gateway.wire.errors import GatewayError, failure
+from gateway.wire.events import Done, Failed, Terminal, Usage
 
 logger = logging.getLogger("gateway.generation")
 
@@ -50,14 +51,19 @@ FINISH_AFTER_LIMIT_WAIT_S = 1.0
 FLUSH_GIVE_UP_S = 30.0
 
 
-class Sink(Protocol):
-    """Where a follower's frames go: a connection's send queue."""
+class Host(Protocol):
+    """What a generation needs of the process that runs it (the hub)."""
 
-    async def put(self, item: OutItem) -> None: ...
+    settings: Settings
+    backend: Backend
+    metrics: Metrics
+    store: StreamStore
 
-    def push_item(self, item: OutItem) -> None: ...
+    def generation_ended(self, generation: Generation, outcome: str) -> None: ...
 
-    def follow_ended(self, follow: Follow) -> None: ...
+    def generation_detached(self, generation: Generation) -> None: ...
+
+    async def publish(self, message: ControlMessage) -> None: ...
 
 
 @dataclass(eq=False)
@@ -69,7 +75,7 @@ class Follow:
     await in between, so nothing is lost or reordered at the hand-over.
     """
 
-    sink: Sink
+    sink: Follower
     generation: Generation
     live: bool = True
     backlog: list[OutItem] = field(default_factory=list)
@@ -79,7 +85,7 @@ class Follow:
         if not self.live:
             self.backlog.append(item)
         else:
-            self.sink.push_item(item)
+            self.sink.send_urgent(item)
 
     async def deliver(self, item: OutItem) -> bool:
         """False when the follower is gone (its queue closed)."""
@@ -87,14 +93,14 @@ class Follow:
             self.backlog.append(item)
             return True
         try:
-            await self.sink.put(item)
+            await self.sink.send(item)
             return True
         except (ClosedResourceError, BrokenResourceError):
             return False
 
 
 class Generation:
-    def __init__(self, hub: Hub, meta: StreamMeta, request: GenerationRequest, lease: Lease,
+    def __init__(self, hub: Host, meta: StreamMeta, request: GenerationRequest, lease: Lease,
                  accepted_at: float) -> None:
         self.hub = hub
         self.meta = meta
@@ -106,8 +112,8 @@ class Generation:
         self.follows: list[Follow] = []
         self.scope = anyio.CancelScope()
         self.finished = anyio.Event()
-        self.terminal: str | None = None
-        self.cancel_frame: str | None = None
+        self.terminal: Terminal | None = None
+        self.cancel_terminal: Failed | None = None
         self.cancel_outcome = "cancelled"
         self.last_remote_follow = -float("inf")
         self.detached_at: float | None = None
@@ -126,18 +132,18 @@ class Generation:
     def key(self) -> tuple[str, str]:
         return (self.meta.user, self.meta.id)
 
-    def start_frame(self, *, resumed: bool = False) -> str:
-        return encode_start(self.meta.id, self.meta.epoch, resumed=resumed, room=self.meta.room)
+    def start_item(self, *, resumed: bool = False) -> Start:
+        return Start(self.ref, self.meta.epoch, self.meta.room, resumed)
 
     # Followers -------------------------------------------------------------------------
 
-    def follow(self, sink: Sink) -> Follow:
+    def follow(self, sink: Follower) -> Follow:
         follow = Follow(sink, self)
         self.follows.append(follow)
         self.detached_at = None
         return follow
 
-    def attach_for_resume(self, sink: Sink, after: int) -> tuple[Follow, list[str], int]:
+    def attach_for_resume(self, sink: Follower, after: int) -> tuple[Follow, list[str], int]:
         """A follower that first replays ``tokens[after+1:]``; see ``Follow``."""
         first = max(after + 1, 0)
         follow = Follow(sink, self, live=False)
@@ -153,11 +159,11 @@ class Generation:
                 self.detached_at = anyio.current_time()
                 self.hub.generation_detached(self)
 
-    def cancel(self, frame: str | None = None, outcome: str = "cancelled") -> None:
-        """Stop the generation; ``frame`` (default: done/cancelled) becomes its terminal frame."""
+    def cancel(self, terminal: Failed | None = None, outcome: str = "cancelled") -> None:
+        """Stop the generation; ``terminal`` (default: done, cancelled) becomes how it ends."""
         if self.scope.cancel_called or self.finished.is_set():
             return
-        self.cancel_frame = frame
+        self.cancel_terminal = terminal
         self.cancel_outcome = outcome
         self.scope.cancel()
 
@@ -170,7 +176,7 @@ class Generation:
                 tg.start_soon(self._flusher)
                 try:
                     if self.meta.room is not None:
-                        await self._publish_room([self.start_frame()])
+                        await self._publish_room(RoomStart(self.meta.id, self.meta.epoch))
                     terminal, outcome = await self._produce()
                     # Set before the flusher can run again: it stores the terminal last.
                     self.terminal = terminal
@@ -192,19 +198,19 @@ class Generation:
         self.hub.generation_ended(self, outcome)
         await self.lease.release()
 
-    async def _produce(self) -> tuple[str, str]:
+    async def _produce(self) -> tuple[Terminal, str]:
         hub = self.hub
         request = self.request
         ref = self.ref
         count = 0
-        terminal: str
+        terminal: Terminal
         outcome: str
         try:
             with self.scope:
                 finish: FinishChunk | None = None
                 follows = self.follows
                 # The start frame goes out before any token: followers registered before run().
-                start = Frame(ref, self.start_frame())
+                start = self.start_item()
                 for follow in tuple(follows):
                     if not await follow.deliver(start):
                         self.detach(follow)
@@ -255,21 +261,19 @@ class Generation:
                 # A backend's own count (model tokens, from the upstream's usage) wins over the
                 # number of chunks the gateway saw.
                 completion_tokens = finish.completion_tokens if finish.completion_tokens is not None else count
-                terminal = encode_done(request.id, finish.finish_reason, prompt_tokens, completion_tokens)
+                terminal = Done(finish.finish_reason, Usage(prompt_tokens, completion_tokens))
                 outcome = finish.finish_reason
             if self.scope.cancelled_caught:
-                terminal = self.cancel_frame or encode_done(request.id, "cancelled", 0, count)
+                terminal = self.cancel_terminal or Done("cancelled", Usage(0, count))
                 outcome = self.cancel_outcome
-        except GatewayError as exc:
-            terminal = encode_exception(request.id, exc)
-            outcome = str(exc.code)
-            hub.metrics.errors.labels(str(exc.code)).inc()
-            logger.info("user=%s stream=%s generation failed: %s", self.meta.user, request.id, exc.code)
-        except Exception:
-            logger.exception("user=%s stream=%s backend raised", self.meta.user, request.id)
-            terminal = encode_error(request.id, ErrorCode.INTERNAL, "internal error")
-            outcome = "internal"
-            hub.metrics.errors.labels("internal").inc()
+        except Exception as exc:
+            if isinstance(exc, GatewayError):
+                logger.info("user=%s stream=%s generation failed: %s", self.meta.user, request.id, exc.code)
+            else:
+                logger.exception("user=%s stream=%s backend raised", self.meta.user, request.id)
+            terminal = failure(exc)
+            outcome = terminal.code
+            hub.metrics.errors.labels(terminal.code).inc()
         return terminal, outcome
 
     @staticmethod
@@ -285,8 +289,8 @@ class Generation:
                 return chunk
         return FinishChunk("length")
 
-    async def _deliver_terminal(self, terminal: str) -> None:
-        item = Frame(self.ref, terminal)
+    async def _deliver_terminal(self, terminal: Terminal) -> None:
+        item = End(self.ref, terminal)
         for follow in tuple(self.follows):
             with anyio.move_on_after(self.hub.settings.slow_consumer_timeout_s, shield=True):
                 await follow.deliver(item)
@@ -354,7 +358,7 @@ class Generation:
             self._stored += len(batch.texts)
             if meta.room is not None:
                 await self._publish_room(
-                    [encode_token(self.ref.id_json, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts))])
+                    RoomTokens(meta.id, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts)))
             if linger and self._producing:
                 self._flusher_lingering = True
                 try:
@@ -369,24 +373,23 @@ class Generation:
             return
         if lost:
             # The stored stream lacks its tail: a resumer must not take it for a whole answer.
-            terminal = encode_error(self.meta.id, ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is "
-                                    "incomplete")
+            terminal = Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete")
         with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
             while True:
                 try:
-                    await self.hub.store.finish(self.meta, Terminal(terminal))
+                    await self.hub.store.finish(self.meta, terminal)
                     break
                 except Exception:
                     await anyio.sleep(0.2)
             if self.meta.room is not None:
-                await self._publish_room([terminal])
+                await self._publish_room(RoomEnd(self.meta.id, terminal))
             return
         # Followers elsewhere end when the stream's metadata expires (GATEWAY_RESUME_TTL_S).
         logger.error("stream=%s could not store its terminal frame", self.meta.id)
 
-    async def _publish_room(self, frames: list[str]) -> None:
+    async def _publish_room(self, event: RoomEvent) -> None:
         assert self.meta.room is not None
         try:
-            await self.hub.backplane.publish({"op": "room", "room": self.meta.room, "frames": frames})
+            await self.hub.publish(RoomEvents(self.meta.room, (event,)))
         except Exception:
             logger.warning("room=%s stream=%s could not publish frames", self.meta.room, self.meta.id)

@@ -1,5 +1,6 @@
-"""The gateway's process-wide state: connections, running generations, rooms, the cluster
-parts (stream store, backplane, limits) and draining.
+"""The process's registry: its connections, running generations and rooms, the
+deadline timer every connection shares, the control messages other processes send, and
+the drain at shutdown.
 
 The hub's task group (opened by the app's lifespan) owns every generation and every
 background loop; each background loop is supervised, so none dies silently. One of them is
@@ -10,8 +11,8 @@ its own while it waits for its next ping or deadline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -19,19 +20,27 @@ import anyio.abc
 from config import Settings
 from gateway.auth import Authenticator
 from gateway.backends import Backend
-from gateway.backplane.base import Backplane, ControlMessage
+from gateway.cluster.base import Cluster, LimitStore, StreamStore
+from gateway.cluster.control import (
+    Broadcast,
+    Cancel,
+    ControlMessage,
+    FollowNotice,
+    RoomEnd,
+    RoomEvents,
+    RoomStart,
+    RoomTokens,
+)
+from gateway.core.liveness import Deadlines
+from gateway.core.ports import Member
+from gateway.core.state import SHUTTING_DOWN
 from gateway.generation import Generation
-from gateway.limits.base import LimitStore
-from gateway.liveness import Deadlines
 from gateway.metrics import Metrics
-from gateway.store.base import StreamStore
 from gateway.supervise import supervise
+from gateway.wire.coalesce import End, Frame, OutItem, Start, StreamRef, Token
 from gateway.wire.codes import ErrorCode
-from gateway.wire.outbound import encode_broadcast, encode_error
-
-if TYPE_CHECKING:
-    from gateway.connection import Connection
-    from gateway.redis_support import RedisContext
+from gateway.wire.errors import GatewayError
+from gateway.wire.outbound import encode_broadcast, encode_presence
 
 logger = logging.getLogger("gateway.hub")
 
@@ -42,22 +51,36 @@ TIMER_SLACK_S = 0.01
 _OUTCOMES = frozenset({"stop", "length", "cancelled", "abandoned", "error", "internal"} | {str(c) for c in ErrorCode})
 
 
+def room_items(message: RoomEvents) -> list[OutItem]:
+    """What a room's members are sent for ``message``, the same items for every member."""
+    items: list[OutItem] = []
+    room = message.room
+    for event in message.events:
+        if isinstance(event, RoomTokens):
+            items.append(Token(StreamRef.of(event.id), event.last_seq, event.text))
+        elif isinstance(event, RoomStart):
+            items.append(Start(StreamRef.of(event.id), event.epoch, room))
+        elif isinstance(event, RoomEnd):
+            items.append(End(StreamRef.of(event.id), event.terminal))
+        else:
+            items.append(Frame(None, encode_presence(room, event.user, event.event)))
+    return items
+
+
 class Hub:
     def __init__(self, settings: Settings, backend: Backend, authenticator: Authenticator, metrics: Metrics,
-                 store: StreamStore, backplane: Backplane, limits: LimitStore,
-                 redis: RedisContext | None = None) -> None:
+                 cluster: Cluster) -> None:
         self.settings = settings
         self.backend = backend
         self.auth = authenticator
         self.metrics = metrics
-        self.store = store
-        self.backplane = backplane
-        self.limits = limits
-        self.redis = redis
-        self.node_id = redis.node_id if redis is not None else "local"
-        self.connections: set[Connection] = set()
+        self.cluster = cluster
+        self.store: StreamStore = cluster.store
+        self.limits: LimitStore = cluster.limits
+        self.node_id = cluster.node_id
+        self.connections: set[Member] = set()
         self.generations: dict[tuple[str, str], Generation] = {}
-        self.rooms: dict[str, set[Connection]] = {}
+        self.rooms: dict[str, set[Member]] = {}
         self.open_sockets = 0
         self.draining = False
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -65,38 +88,34 @@ class Hub:
         self._no_generations.set()
         self._no_connections = anyio.Event()
         self._no_connections.set()
-        self._deadlines: Deadlines[Connection] = Deadlines()
+        self._deadlines: Deadlines[Member] = Deadlines()
         self._wake_timer = anyio.Event()
 
     # Lifecycle ------------------------------------------------------------------------------
 
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Connect the cluster (raises ``Unavailable`` when it cannot) and start the timer."""
         self._task_group = task_group
-        if self.redis is not None:
-            redis = self.redis
-            redis.on_state_change = lambda up: self.metrics.redis_up.set(1 if up else 0)
-            await redis.start()
-            task_group.start_soon(supervise, "redis heartbeat", redis.heartbeat)
+        cluster = self.cluster
+        cluster.health.on_change = lambda up: self.metrics.set_cluster_up(up)
+        cluster.backplane.set_handler(self.handle_control)
+        await cluster.start(self._spawn_supervised)
+        self.metrics.set_cluster_up(cluster.health.up)
         task_group.start_soon(supervise, "connection timer", self._run_timer)
-        await self.store.start()
-        await self.backplane.start(self.handle_control)
-        redis_context = self.redis
-        on_failure: Callable[[], None] = (
-            (lambda: redis_context.report(False)) if redis_context is not None else (lambda: None))
-        task_group.start_soon(supervise, "backplane listener", self.backplane.run, on_failure)
+
+    def _spawn_supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        assert self._task_group is not None, "the hub is not running"
+        self._task_group.start_soon(supervise, name, loop, name=name)
 
     async def aclose(self) -> None:
-        await self.backplane.aclose()
-        await self.store.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
+        await self.cluster.aclose()
 
     def is_draining(self) -> bool:
         return self.draining
 
     @property
-    def redis_up(self) -> bool:
-        return self.redis is None or self.redis.up
+    def cluster_up(self) -> bool:
+        return self.cluster.health.up
 
     def spawn(self, func: Callable[..., Any], *args: Any, name: str | None = None) -> None:
         assert self._task_group is not None, "the hub is not running"
@@ -119,12 +138,12 @@ class Hub:
 
     # Connection deadlines ------------------------------------------------------------------
 
-    def watch(self, connection: Connection, when: float) -> None:
+    def watch(self, connection: Member, when: float) -> None:
         """Call ``connection.on_deadline(now)`` at ``when``, or earlier if it was due earlier."""
         if self._deadlines.schedule(connection, when):
             self._wake_timer.set()
 
-    def unwatch(self, connection: Connection) -> None:
+    def unwatch(self, connection: Member) -> None:
         self._deadlines.remove(connection)
 
     async def _run_timer(self) -> None:
@@ -192,40 +211,39 @@ class Hub:
     # Control messages between processes ---------------------------------------------------
 
     def handle_control(self, message: ControlMessage) -> None:
-        op = message.get("op")
-        if op == "cancel":
-            generation = self.generations.get((str(message.get("user")), str(message.get("id"))))
+        if isinstance(message, Cancel):
+            generation = self.generations.get((message.user, message.id))
             if generation is not None:
                 generation.cancel(None, "cancelled")
-        elif op == "follow":
-            generation = self.generations.get((str(message.get("user")), str(message.get("id"))))
+        elif isinstance(message, FollowNotice):
+            generation = self.generations.get((message.user, message.id))
             if generation is not None:
                 generation.last_remote_follow = anyio.current_time()
-        elif op == "broadcast":
-            frame = encode_broadcast(message.get("data"))
-            user = message.get("user")
+        elif isinstance(message, Broadcast):
+            frame = Frame(None, encode_broadcast(message.data))
+            user = message.user
             for connection in list(self.connections):
                 if user is None or connection.user == user:
-                    connection.push(frame)
-        elif op == "room":
-            room = message.get("room")
-            frames = message.get("frames")
-            if isinstance(room, str) and isinstance(frames, list):
+                    connection.send_urgent(frame)
+        elif isinstance(message, RoomEvents):
+            members = self.rooms.get(message.room)
+            if members:
+                items = room_items(message)
                 # A member is not told about its own join or leave.
-                origin = message.get("origin")
-                for connection in list(self.rooms.get(room, ())):
-                    if connection.session_id != origin:
-                        connection.push_room(frames)
+                for connection in list(members):
+                    if connection.session_id != message.origin:
+                        for item in items:
+                            connection.send_urgent(item)
 
     async def publish(self, message: ControlMessage) -> None:
-        await self.backplane.publish(message)
+        await self.cluster.backplane.publish(message)
 
     # Rooms -------------------------------------------------------------------------------
 
-    def room_joined(self, room: str, connection: Connection) -> None:
+    def room_joined(self, room: str, connection: Member) -> None:
         self.rooms.setdefault(room, set()).add(connection)
 
-    def room_left(self, room: str, connection: Connection) -> None:
+    def room_left(self, room: str, connection: Member) -> None:
         members = self.rooms.get(room)
         if members is not None:
             members.discard(connection)
@@ -250,10 +268,17 @@ class Hub:
         if self.generations:
             logger.info("drain timeout: ending %d generation(s) with shutting_down", len(self.generations))
         for generation in list(self.generations.values()):
-            generation.cancel(encode_error(generation.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down"),
-                              str(ErrorCode.SHUTTING_DOWN))
+            generation.cancel(SHUTTING_DOWN.terminal, str(ErrorCode.SHUTTING_DOWN))
         for connection in list(self.connections):
             connection.shut_down()
         with anyio.move_on_after(5.0):
             await self._no_connections.wait()
         logger.info("drained")
+
+
+async def publish_or_unavailable(hub: Hub, message: ControlMessage) -> None:
+    """Publish for a client's request: a failure is the client's error to retry."""
+    try:
+        await hub.publish(message)
+    except Exception:
+        raise GatewayError("the cluster is unreachable right now; try again", code=ErrorCode.INTERNAL) from None

@@ -39,8 +39,15 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
-        self.redis_up = Gauge("gateway_redis_up", "1 while Redis answers (always 1 without Redis)", registry=r)
-        self.redis_up.set(1)
+        self.cluster_up = Gauge("gateway_cluster_up", "1 while the cluster store answers (always 1 for memory://)",
+                                registry=r)
+        # The same gauge under its name from before GATEWAY_CLUSTER_URL; kept for dashboards.
+        self.redis_up = Gauge("gateway_redis_up", "Deprecated: gateway_cluster_up", registry=r)
+        self.set_cluster_up(True)
+
+    def set_cluster_up(self, up: bool) -> None:
+        self.cluster_up.set(1 if up else 0)
+        self.redis_up.set(1 if up else 0)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

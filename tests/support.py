@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from config import Settings
 from gateway.app import create_app
-from gateway.server import GatewayServer, uvicorn_config
+from gateway.transport.uvicorn import GatewayServer, uvicorn_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.auth import Authenticator, extract_credentials, origin_allowed
+from gateway.auth import JWTAuthenticator, extract_credentials, origin_allowed
 from gateway.wire.errors import AuthError
 from tests.support import SECRET, ServerThread, make_settings, mint, recv_json, ws_connect
 
@@ -68,7 +68,7 @@ def good_token(**claims: Any) -> str:
 
 
 async def test_each_bad_token_is_rejected_with_its_reason(rsa_key: rsa.RSAPrivateKey) -> None:
-    auth = Authenticator(strict_settings())
+    auth = JWTAuthenticator(strict_settings())
     for name, (token, reason) in bad_tokens(rsa_key).items():
         with pytest.raises(AuthError) as info:
             await auth.verify(token)
@@ -81,7 +81,7 @@ async def test_each_bad_token_is_rejected_with_its_reason(rsa_key: rsa.RSAPrivat
 async def test_hs256_token_signed_with_the_rs256_public_key_is_rejected(rsa_key: rsa.RSAPrivateKey) -> None:
     """The classic key-confusion attack against a server that accepts RS256."""
     pem = public_pem(rsa_key)
-    auth = Authenticator(make_settings(jwt_secret=None, jwt_public_key=pem, jwt_algorithms=["RS256"]))
+    auth = JWTAuthenticator(make_settings(jwt_secret=None, jwt_public_key=pem, jwt_algorithms=["RS256"]))
     payload = {"sub": "mallory", "exp": int(time.time()) + 600}
     header = _b64(b'{"alg":"HS256","typ":"JWT"}')
     body = _b64(json.dumps(payload).encode())
@@ -96,7 +96,7 @@ async def test_hs256_token_signed_with_the_rs256_public_key_is_rejected(rsa_key:
 
 
 async def test_leeway_accepts_a_token_that_just_expired() -> None:
-    auth = Authenticator(make_settings(jwt_leeway_s=30))
+    auth = JWTAuthenticator(make_settings(jwt_leeway_s=30))
     assert (await auth.verify(mint(ttl=-10))).user == "alice"
 
 
@@ -202,14 +202,14 @@ async def test_auth_none_serves_anonymous() -> None:
 
 def test_production_without_a_key_refuses_to_start() -> None:
     with pytest.raises(RuntimeError, match="GATEWAY_JWT_SECRET"):
-        Authenticator(make_settings(env="production", jwt_secret=None))
+        JWTAuthenticator(make_settings(env="production", jwt_secret=None))
 
 
 async def test_dev_without_a_key_generates_a_secret_and_mints() -> None:
-    auth = Authenticator(make_settings(jwt_secret=None))
+    auth = JWTAuthenticator(make_settings(jwt_secret=None))
     assert auth.generated_dev_secret
     assert (await auth.verify(auth.mint("dev"))).user == "dev"
-    other = Authenticator(make_settings(jwt_secret=None))
+    other = JWTAuthenticator(make_settings(jwt_secret=None))
     with pytest.raises(AuthError):
         await other.verify(auth.mint("dev"))
 

@@ -1,4 +1,5 @@
-"""One conformance suite for every implementation of the stream store and the limit store."""
+"""One conformance suite for every implementation of the cluster parts: the stream
+store, the limit store and the backplane, memory:// and redis://, built by URL scheme."""
 
 from __future__ import annotations
 
@@ -10,10 +11,22 @@ import anyio
 import pytest
 
 from config import Settings
-from gateway.limits.base import LimitStore
-from gateway.store.base import StreamEvent, StreamMeta, StreamStore, Terminal, TokenBatch
+from gateway.cluster import build_cluster
+from gateway.cluster.base import Cluster, LimitStore, StreamEvent, StreamMeta, StreamStore, TokenBatch
+from gateway.cluster.control import (
+    Broadcast,
+    Cancel,
+    ControlMessage,
+    FollowNotice,
+    Presence,
+    RoomEnd,
+    RoomEvents,
+    RoomStart,
+    RoomTokens,
+)
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
+from gateway.wire.events import Done, Failed, Usage
 from tests.redis_support import TEST_REDIS_URL, require_redis, unique_prefix
 from tests.support import make_settings
 
@@ -27,19 +40,18 @@ def settings_for(**overrides: Any) -> Settings:
 
 
 async def make_parts(kind: str, settings: Settings) -> tuple[StreamStore, LimitStore, Any]:
-    if kind == "memory":
-        from gateway.limits.memory import MemoryLimitStore
-        from gateway.store.memory import MemoryStreamStore
+    """The parts of a started cluster of ``kind``; the third item is the cluster, to close."""
+    cluster = await start_cluster(kind, settings)
+    return cluster.store, cluster.limits, cluster
 
-        return MemoryStreamStore(settings), MemoryLimitStore(settings), None
-    require_redis()
-    from gateway.limits.redis import RedisLimitStore
-    from gateway.redis_support import RedisContext
-    from gateway.store.redis import RedisStreamStore
 
-    context = RedisContext(settings, TEST_REDIS_URL)
-    await context.start()
-    return RedisStreamStore(settings, context), RedisLimitStore(settings, context), context
+async def start_cluster(kind: str, settings: Settings) -> Cluster:
+    if kind == "redis":
+        require_redis()
+    url = {"memory": "memory://", "redis": TEST_REDIS_URL}[kind]
+    cluster = build_cluster(settings.model_copy(update={"cluster_url": url}))
+    await cluster.start(lambda name, loop: None)
+    return cluster
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -54,7 +66,7 @@ async def parts(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StreamSto
 
 
 def meta_for(store_parts: Any, user: str = "u1", stream_id: str = "s1") -> StreamMeta:
-    node = store_parts[2].node_id if store_parts[2] is not None else "local"
+    node = store_parts[2].node_id
     return StreamMeta(user=user, id=stream_id, epoch="e-1", node=node, created_at=time.time())
 
 
@@ -110,13 +122,13 @@ async def test_follow_replays_after_seq_then_the_live_tail_then_the_terminal(par
             while texts_of(received)[1] != "cd":
                 await anyio.sleep(0.01)
         await store.write(meta, TokenBatch(4, ("e", "f")))
-        await store.finish(meta, Terminal('{"type":"done"}'))
+        await store.finish(meta, Done("stop", Usage(1, 6)))
     assert texts_of(received) == (2, "cdef")
-    assert received[-1] == Terminal('{"type":"done"}')
+    assert received[-1] == Done("stop", Usage(1, 6))
     # A finished stream replays to its end, from anywhere.
     assert texts_of(await collect(store.follow(meta, -1))) == (0, "abcdef")
     assert texts_of(await collect(store.follow(meta, 4))) == (5, "f")
-    assert await collect(store.follow(meta, 100)) == [Terminal('{"type":"done"}')]
+    assert await collect(store.follow(meta, 100)) == [Done("stop", Usage(1, 6))]
 
 
 async def test_resumable_lists_the_users_streams(parts: Any) -> None:
@@ -133,7 +145,7 @@ async def test_streams_expire_after_the_ttl_from_the_last_write() -> None:
         try:
             meta = meta_for((store, None, context))
             await store.create(meta)
-            await store.finish(meta, Terminal("{}"))
+            await store.finish(meta, Done("stop"))
             assert await store.get("u1", "s1") is not None
             await anyio.sleep(1.3)  # the TTL is the behaviour under test
             assert await store.get("u1", "s1") is None, kind
@@ -181,7 +193,7 @@ async def test_redis_slots_of_a_dead_process_come_back() -> None:
         assert await limits_a.add_connection("u1") is not None
         assert await limits_b.add_connection("u1") is None  # held by process A
         # Process A dies: its liveness key expires and nobody releases its slot.
-        await context_a.client.delete(context_a.node_key)
+        await context_a.context.client.delete(context_a.context.node_key)
         assert await limits_b.add_connection("u1") is not None
     finally:
         await context_a.aclose()
@@ -198,6 +210,43 @@ async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
         await store.write(meta, TokenBatch(0, ("a",)))
         events = await collect(store.follow(meta, -1), timeout=10)
         assert texts_of(events) == (0, "a")
-        assert isinstance(events[-1], Terminal) and '"backend_error"' in events[-1].frame
+        assert isinstance(events[-1], Failed) and events[-1].code == "backend_error"
     finally:
         await context.aclose()
+
+
+MESSAGES: list[ControlMessage] = [
+    Cancel("u1", "s1"),
+    FollowNotice("u1", "s1"),
+    Broadcast({"text": "hi", "n": [1, 2]}, user=None),
+    Broadcast("only you", user="u2"),
+    RoomEvents("lobby", (Presence("u1", "join"),), origin="c-1"),
+    RoomEvents("lobby", (RoomStart("r1", "e-1"), RoomTokens("r1", 3, "abc"),
+                         RoomEnd("r1", Done("stop", Usage(2, 4))),
+                         RoomEnd("r2", Failed("backend_error", "it broke", {"upstream_status": 502})))),
+]
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_backplane_delivers_every_message_typed_and_in_order(kind: str) -> None:
+    cluster = await start_cluster(kind, settings_for())
+    received: list[ControlMessage] = []
+    cluster.backplane.set_handler(received.append)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cluster.backplane.run)
+            # A subscription is in place once a message published after it comes back.
+            with anyio.fail_after(5):
+                while not received:
+                    await cluster.backplane.publish(Cancel("probe", "probe"))
+                    await anyio.sleep(0.05)
+                received.clear()
+            for message in MESSAGES:
+                await cluster.backplane.publish(message)
+            with anyio.fail_after(5):
+                while len([m for m in received if m != Cancel("probe", "probe")]) < len(MESSAGES):
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    finally:
+        await cluster.aclose()
+    assert [m for m in received if m != Cancel("probe", "probe")] == MESSAGES

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.liveness import Deadlines, Due, Liveness, TokenBucket
+from gateway.core.liveness import Deadlines, Due, Liveness, TokenBucket
 
 
 def make(now: float = 100.0, **kw: float) -> Liveness:

@@ -16,9 +16,9 @@ import logging
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway.limits.base import Lease
-from gateway.limits.memory import MemoryLimitStore, too_many_streams
-from gateway.redis_support import RedisContext
+from gateway.cluster.base import Lease
+from gateway.cluster.memory import MemoryLimitStore, too_many_streams
+from gateway.cluster.redis.context import RedisContext
 from gateway.wire.errors import RateLimited
 
 logger = logging.getLogger("gateway.limits")

@@ -1,4 +1,4 @@
-"""Running the gateway under uvicorn, with the parts plain uvicorn lacks.
+"""The gateway's uvicorn integration: the parts plain uvicorn lacks.
 
 - ``GatewayWebSocketProtocol`` (uvicorn's websockets-sansio implementation) bounds what a
   client that stops reading can cost: a deliberate kernel send buffer (``SO_SNDBUF``),
@@ -24,11 +24,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import State
 
 from config import Settings
+from gateway.core.ports import TRANSPORT_EXTENSION, Drains
 from gateway.logs import logging_config
 
 logger = logging.getLogger("gateway.server")
-
-TRANSPORT_EXTENSION = "gateway.transport"
 
 # After a forced close, how long a peer gets to take the close frame before the socket
 # is aborted.
@@ -36,8 +35,8 @@ ABORT_GRACE_S = 1.0
 
 
 class TransportControl:
-    """What a connection handler may do to its socket beyond ASGI, exposed as the
-    ``gateway.transport`` scope extension."""
+    """What a connection handler may do to its socket beyond ASGI (the ``Transport``
+    port), exposed as the ``gateway.transport`` scope extension."""
 
     def __init__(self, protocol: GatewayWebSocketProtocol) -> None:
         self._protocol = protocol
@@ -135,19 +134,20 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with the gateway's drain in front of uvicorn's own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, hub: Any = None) -> None:
+    def __init__(self, config: uvicorn.Config, hub: Drains | None = None) -> None:
         super().__init__(config)
         self.hub = hub
 
-    def _find_hub(self) -> Any:
+    def _find_hub(self) -> Drains | None:
         if self.hub is not None:
             return self.hub
         # In a worker the app was built by the factory: find it under uvicorn's middleware.
         app = self.config.loaded_app
         for _ in range(10):
             state = getattr(app, "state", None)
-            if state is not None and getattr(state, "hub", None) is not None:
-                return state.hub
+            hub: Drains | None = getattr(state, "hub", None) if state is not None else None
+            if hub is not None:
+                return hub
             app = getattr(app, "app", None)
         return None
 
@@ -187,7 +187,7 @@ def uvicorn_config(
     return GatewayConfig(app, settings=settings, **options)
 
 
-def _listening_socket(config: uvicorn.Config) -> socket.socket:
+def listening_socket(config: uvicorn.Config) -> socket.socket:
     """Bind and listen before announcing the address, so connections made while the
     workers start wait in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -200,64 +200,3 @@ def _listening_socket(config: uvicorn.Config) -> socket.socket:
     logging.getLogger("uvicorn.error").info(
         "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address, sock.getsockname()[1])
     return sock
-
-
-class ConfigurationError(RuntimeError):
-    pass
-
-
-def worker_app() -> Any:
-    """The app factory each worker process calls (settings from its environment)."""
-    from gateway.app import create_app
-
-    return create_app(Settings())
-
-
-def preflight(settings: Settings) -> None:
-    """Fail fast, with a clear message, on what would otherwise fail inside uvicorn's startup."""
-    if settings.redis_url:
-        import anyio
-
-        from gateway.cluster import require_redis_client
-
-        require_redis_client()
-        from gateway.redis_support import RedisContext
-
-        async def check() -> None:
-            context = RedisContext(settings, settings.redis_url or "")
-            try:
-                await context.start()
-            finally:
-                await context.aclose()
-
-        anyio.run(check)
-
-
-def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    from gateway.app import create_app
-
-    preflight(settings)
-
-    if settings.workers > 1:
-        if not settings.redis_url:
-            raise ConfigurationError(
-                f"--workers {settings.workers} needs GATEWAY_REDIS_URL: without it each worker would keep its own "
-                "limits and streams, so per-user limits would multiply and a client could not resume on another "
-                "worker"
-            )
-        if settings.auth == "jwt" and not settings.has_jwt_key:
-            raise ConfigurationError(
-                "several workers need a shared key (GATEWAY_JWT_SECRET or a public key): a generated development "
-                "secret would differ per worker"
-            )
-        from gateway.supervisor import run_workers
-
-        config = uvicorn_config(
-            "gateway.server:worker_app", settings, host=host, port=port, factory=True, workers=settings.workers
-        )
-        sock = _listening_socket(config)
-        run_workers(config, [sock], settings.workers, settings.drain_timeout_s)
-        return
-    app = create_app(settings)
-    server = GatewayServer(uvicorn_config(app, settings, host=host, port=port), app.state.hub)
-    server.run()

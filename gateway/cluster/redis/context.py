@@ -1,14 +1,11 @@
-"""What the Redis implementations share: one client, key naming, this process's node id
-and liveness key, and supervision of background loops.
-
-Imported only when ``GATEWAY_REDIS_URL`` is set, so redis-py stays an optional dependency.
-"""
+"""What the Redis parts share: the clients, key naming (versioned, so processes of
+another version never read these records), this process's node id and liveness key, and
+whether Redis answers (``health``)."""
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
@@ -16,9 +13,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from config import Settings
+from gateway.cluster.base import Health
 from gateway.wire.errors import Unavailable
 
 logger = logging.getLogger("gateway.redis")
+
+# Part of every key: records written by a process of another layout are never read.
+KEY_VERSION = "v2"
 
 
 class RedisUnavailable(Unavailable, RuntimeError):
@@ -42,7 +43,7 @@ class RedisContext:
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.url = url
-        self.prefix = settings.redis_prefix
+        self.prefix = settings.redis_prefix + KEY_VERSION + ":"
         self.node_id = "n-" + secrets.token_hex(6)
         self.node_ttl_s = settings.node_ttl_s
         self.node_ttl_ms = max(int(settings.node_ttl_s * 1000), 100)
@@ -51,8 +52,7 @@ class RedisContext:
         # never starve the writes.
         self.client: aioredis.Redis = self._client(url, settings.redis_max_connections)
         self.blocking_client: aioredis.Redis = self._client(url, settings.redis_max_connections)
-        self.up = False
-        self.on_state_change: Callable[[bool], None] = lambda up: None
+        self.health = Health(up=False)
 
     @staticmethod
     def _client(url: str, max_connections: int) -> aioredis.Redis:
@@ -78,7 +78,7 @@ class RedisContext:
                 await self.client.set(self.node_key, "1", px=self.node_ttl_ms)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {type(exc).__name__}") from None
-        self._set_up(True)
+        self.report(True)
 
     async def aclose(self) -> None:
         try:
@@ -91,19 +91,15 @@ class RedisContext:
         await self.client.connection_pool.disconnect()
         await self.blocking_client.connection_pool.disconnect()
 
-    def _set_up(self, up: bool) -> None:
-        if up != self.up:
-            self.up = up
+    def report(self, up: bool) -> None:
+        """Any Redis call's outcome; tracks the degraded state."""
+        if up != self.health.up:
             if up:
                 logger.info("Redis at %s is reachable", redact_url(self.url))
             else:
                 logger.warning("Redis at %s is unreachable; cross-process features wait for it",
                                redact_url(self.url))
-            self.on_state_change(up)
-
-    def report(self, ok: bool) -> None:
-        """Any Redis call's outcome; tracks the degraded state."""
-        self._set_up(ok)
+            self.health.report(up)
 
     async def node_alive(self, node: str) -> bool:
         return bool(await self.client.exists(self.key("node", node)))

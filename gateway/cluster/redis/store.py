@@ -1,9 +1,9 @@
 """Stream store in Redis: one Redis Stream per generation, capped, with a TTL.
 
-Keys (prefix ``GATEWAY_REDIS_PREFIX``):
+Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
 - ``m:<user>:<id>``: the stream's metadata (JSON), created with SET NX: the id claim;
 - ``s:<user>:<id>``: the Redis Stream; one entry per batch of tokens (``f`` first seq,
-  ``t`` JSON list of texts) and one terminal entry (``e`` the encoded frame);
+  ``t`` JSON list of texts) and one terminal entry (``e`` the terminal event as JSON);
 - ``u:<user>``: a sorted set of the user's stream ids by creation time, for ``hello``.
 
 Every write is one pipelined round trip (XADD plus the EXPIREs that keep the TTL counting
@@ -22,10 +22,11 @@ import anyio
 from redis.exceptions import RedisError
 
 from config import Settings
-from gateway.redis_support import RedisContext
-from gateway.store.base import StreamEvent, StreamMeta, Terminal, TokenBatch
+from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
+from gateway.cluster.control import terminal_from_dict, terminal_to_dict
+from gateway.cluster.redis.context import RedisContext
 from gateway.wire.codes import ErrorCode
-from gateway.wire.outbound import encode_error
+from gateway.wire.events import Failed, Terminal
 
 # How long one blocking read waits before checking that the producer is alive.
 FOLLOW_BLOCK_MS = 1000
@@ -44,12 +45,6 @@ class RedisStreamStore:
         self.ttl_s = max(int(settings.resume_ttl_s), 1)
         # Entries hold at least one token, so max_tokens + 1 entries is the whole stream.
         self.max_entries = settings.max_tokens + 1
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
     def _meta_key(self, user: str, stream_id: str) -> str:
         return self.ctx.key("m", user, stream_id)
@@ -97,7 +92,7 @@ class RedisStreamStore:
         await self._append(meta, {"f": str(batch.first_seq), "t": json.dumps(batch.texts)})
 
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
-        await self._append(meta, {"e": terminal.frame})
+        await self._append(meta, {"e": json.dumps(terminal_to_dict(terminal))})
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
         client = self.ctx.blocking_client
@@ -126,8 +121,7 @@ class RedisStreamStore:
                     continue
                 if not meta_exists:
                     # Expired without a terminal frame (its producer could not store one).
-                    yield Terminal(encode_error(meta.id, ErrorCode.BACKEND_ERROR,
-                                                "this generation's stored stream expired"))
+                    yield Failed(ErrorCode.BACKEND_ERROR, "this generation's stored stream expired")
                     return
                 if alive:
                     producer_missing_since = None
@@ -136,8 +130,7 @@ class RedisStreamStore:
                 elif anyio.current_time() - producer_missing_since > self.ctx.node_ttl_s:
                     # The producer's liveness key stayed gone (not just a Redis restart that
                     # it has yet to notice) and no terminal was written.
-                    yield Terminal(encode_error(meta.id, ErrorCode.BACKEND_ERROR,
-                                                "the server producing this generation went away"))
+                    yield Failed(ErrorCode.BACKEND_ERROR, "the server producing this generation went away")
                     return
                 continue
             producer_missing_since = None
@@ -145,7 +138,7 @@ class RedisStreamStore:
                 for entry_id, fields in entries:
                     last_id = entry_id
                     if "e" in fields:
-                        yield Terminal(fields["e"])
+                        yield terminal_from_dict(json.loads(fields["e"]))
                         return
                     first = int(fields["f"])
                     texts = json.loads(fields["t"])
@@ -154,8 +147,7 @@ class RedisStreamStore:
                         continue
                     if first > position:
                         # Entries are missing (Redis lost data): never paper over a gap.
-                        yield Terminal(encode_error(meta.id, ErrorCode.BACKEND_ERROR,
-                                                    "stored tokens were lost; the answer is incomplete"))
+                        yield Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete")
                         return
                     skip = max(position - first, 0)
                     yield TokenBatch(first + skip, tuple(texts[skip:]))

@@ -1,22 +1,22 @@
-"""Backplane on Redis pub/sub: one channel, ``<prefix>ctl``, that every process listens to.
+"""Backplane on Redis pub/sub: one channel, ``<prefix>v2:ctl``, that every process listens to.
 
 One channel keeps subscription management trivial and every message reaches every
 process; the cost is that room traffic is delivered to processes without members, which
-drop it. The listener is supervised: when Redis goes away it reconnects with backoff and
-resubscribes; messages published meanwhile are lost (pub/sub is at most once), which is
-why nothing here carries tokens that exist nowhere else: room frames are also in the
-stream store.
+drop it. When Redis goes away ``run`` raises and the cluster's supervisor restarts it with
+backoff; messages published meanwhile are lost (pub/sub is at most once), which is why
+nothing here carries tokens that exist nowhere else: room tokens are also in the store.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
+import orjson
 from redis.exceptions import RedisError
 
-from gateway.backplane.base import ControlMessage, Handler
-from gateway.redis_support import RedisContext, RedisUnavailable
+from gateway.cluster.base import Handler
+from gateway.cluster.control import ControlMessage, MalformedMessage, from_dict, to_dict
+from gateway.cluster.redis.context import RedisContext, RedisUnavailable
 
 logger = logging.getLogger("gateway.backplane")
 
@@ -29,11 +29,11 @@ class RedisBackplane:
         self.channel = context.key("ctl")
         self._handler: Handler | None = None
 
-    async def start(self, handler: Handler) -> None:
+    def set_handler(self, handler: Handler) -> None:
         self._handler = handler
 
     async def run(self) -> None:
-        """One subscription session; raises when the connection fails (the hub supervises)."""
+        """One subscription session; raises when the connection fails."""
         pubsub = self.ctx.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
@@ -43,22 +43,20 @@ class RedisBackplane:
                 if message is None or message.get("type") != "message":
                     continue
                 try:
-                    payload = json.loads(message["data"])
-                except (TypeError, ValueError):
+                    control = from_dict(orjson.loads(message["data"]))
+                except (orjson.JSONDecodeError, MalformedMessage, TypeError):
                     logger.warning("ignoring a malformed backplane message")
                     continue
-                if isinstance(payload, dict) and self._handler is not None:
+                if self._handler is not None:
                     try:
-                        self._handler(payload)
+                        self._handler(control)
                     except Exception:
                         logger.exception("backplane handler failed")
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:
+            self.ctx.report(False)
             raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def publish(self, message: ControlMessage) -> None:
-        await self.ctx.client.publish(self.channel, json.dumps(message, separators=(",", ":")))
-
-    async def aclose(self) -> None:
-        self._handler = None
+        await self.ctx.client.publish(self.channel, orjson.dumps(to_dict(message)))

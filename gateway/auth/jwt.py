@@ -1,4 +1,5 @@
-"""JWT verification and credential extraction from a WebSocket handshake.
+"""``GATEWAY_AUTH=jwt`` (the default): JSON Web Tokens, checked with an HMAC secret, a
+public key or a JWKS endpoint.
 
 Only the algorithms in ``GATEWAY_JWT_ALGORITHMS`` are accepted; ``exp`` is required;
 ``nbf``, ``aud`` and ``iss`` are checked (the latter two when configured) with a small
@@ -10,17 +11,15 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import jwt
 import jwt.types
 
 from config import Settings
-from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+from gateway.auth.base import Principal
 from gateway.wire.errors import AuthError
 
 logger = logging.getLogger("gateway.auth")
@@ -31,56 +30,18 @@ _HMAC = {"HS256", "HS384", "HS512"}
 JWKS_REFRESH_MIN_S = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    user: str
-    expires_at: float | None  # wall-clock seconds since the epoch
-    claims: Mapping[str, Any] = field(default_factory=dict)
+class JWTAuthenticator:
+    name = "jwt"
 
-
-@dataclass(frozen=True, slots=True)
-class HandshakeCredentials:
-    token: str | None
-    source: str | None  # "header", "subprotocol" or "query"
-    subprotocol: str | None  # the subprotocol the server selects, never a bearer token
-
-
-def extract_credentials(
-    headers: Mapping[str, str], subprotocols: Iterable[str], query_string: bytes
-) -> HandshakeCredentials:
-    """Find a token in the handshake: Authorization header, then subprotocol, then query."""
-    offered = list(subprotocols)
-    selected = PROTOCOL if PROTOCOL in offered else None
-    authorization = headers.get("authorization", "")
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return HandshakeCredentials(value.strip(), "header", selected)
-    for proto in offered:
-        if proto.startswith(BEARER_SUBPROTOCOL_PREFIX) and len(proto) > len(BEARER_SUBPROTOCOL_PREFIX):
-            return HandshakeCredentials(proto[len(BEARER_SUBPROTOCOL_PREFIX) :], "subprotocol", selected)
-    for key, val in parse_qsl(query_string.decode("latin-1"), keep_blank_values=False):
-        if key == "token" and val:
-            return HandshakeCredentials(val, "query", selected)
-    return HandshakeCredentials(None, None, selected)
-
-
-def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
-    """No allowlist, or no Origin header (not a browser): allowed. Otherwise it must be listed."""
-    if not allowed or origin is None:
-        return True
-    return "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}
-
-
-class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.enabled = settings.auth == "jwt"
+        self.enabled = True
         self.algorithms = list(settings.jwt_algorithms)
         self.generated_dev_secret = False
         self._jwks_client: jwt.PyJWKClient | None = None
         self._jwks_refreshed_at = -JWKS_REFRESH_MIN_S
         secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
-        if self.enabled and not settings.has_jwt_key:
+        if not settings.has_jwt_key:
             if settings.env == "production":
                 raise RuntimeError(
                     "GATEWAY_ENV=production needs a JWT key: set GATEWAY_JWT_SECRET, "
@@ -189,8 +150,6 @@ class Authenticator:
         return Principal(user=sub, expires_at=float(exp) if isinstance(exp, int | float) else None, claims=claims)
 
     async def verify(self, token: str) -> Principal:
-        if not self.enabled:
-            return Principal(user="anonymous", expires_at=None)
         if self._jwks_client is not None:
             # PyJWKClient fetches with blocking I/O: keep it off the event loop.
             return await anyio.to_thread.run_sync(self._verify_sync, token)

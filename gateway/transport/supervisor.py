@@ -17,7 +17,7 @@ from types import FrameType
 
 from uvicorn._subprocess import get_subprocess
 
-from gateway.server import GatewayConfig, GatewayServer
+from gateway.transport.uvicorn import GatewayConfig, GatewayServer
 
 logger = logging.getLogger("gateway.supervisor")
 

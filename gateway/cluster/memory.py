@@ -1,4 +1,9 @@
-"""In-process stream store: a bounded record per generation, for a single process."""
+"""The cluster in one process's memory: the default (``memory://``), for one process.
+
+Streams, limits and control messages live here and nowhere else, so a client can resume
+only on this process, and several workers would each count their own limits (the
+server refuses ``--workers`` > 1 with this cluster).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,60 @@ from dataclasses import dataclass, field
 import anyio
 
 from config import Settings
-from gateway.store.base import StreamEvent, StreamMeta, Terminal, TokenBatch
+from gateway.cluster.base import Handler, Health, Lease, SpawnLoop, StreamEvent, StreamMeta, TokenBatch
+from gateway.cluster.control import ControlMessage
+from gateway.core.liveness import TokenBucket
+from gateway.wire.codes import ErrorCode
+from gateway.wire.errors import GatewayError, RateLimited
+from gateway.wire.events import Terminal
+
+
+class MemoryCluster:
+    name = "memory"
+    node_id = "local"
+    shared = False
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = MemoryStreamStore(settings)
+        self.limits = MemoryLimitStore(settings)
+        self.backplane = MemoryBackplane()
+        self.health = Health()
+
+    async def start(self, spawn: SpawnLoop) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.store.clear()
+
+
+def build(settings: Settings, url: str = "memory://") -> MemoryCluster:
+    return MemoryCluster(settings)
+
+
+class MemoryBackplane:
+    """Messages are handled at once, in the publisher's task."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._handler: Handler | None = None
+
+    def set_handler(self, handler: Handler) -> None:
+        self._handler = handler
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+    async def publish(self, message: ControlMessage) -> None:
+        if self._handler is not None:
+            self._handler(message)
 
 
 @dataclass(eq=False)
 class _Record:
     meta: StreamMeta
     tokens: list[str] = field(default_factory=list)
-    terminal: str | None = None
+    terminal: Terminal | None = None
     expires_at: float = float("inf")  # monotonic; set when the stream finishes
     # Created by the first follower that waits, so a write nobody waits for costs no event.
     changed: anyio.Event | None = None
@@ -41,11 +92,10 @@ class MemoryStreamStore:
         # expire in this order and purging only ever looks at the front.
         self._expiry: deque[tuple[float, tuple[str, str], _Record]] = deque()
 
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
+    def clear(self) -> None:
         self._records.clear()
+        self._by_user.clear()
+        self._expiry.clear()
 
     def _purge(self) -> None:
         now = time.monotonic()
@@ -102,7 +152,7 @@ class MemoryStreamStore:
         record = self._records.get((meta.user, meta.id))
         if record is None or record.terminal is not None:
             return
-        record.terminal = terminal.frame
+        record.terminal = terminal
         record.expires_at = time.monotonic() + self.ttl_s
         self._expiry.append((record.expires_at, (meta.user, meta.id), record))
         self._notify(record)
@@ -119,7 +169,7 @@ class MemoryStreamStore:
                 position += len(texts)
                 continue
             if record.terminal is not None:
-                yield Terminal(record.terminal)
+                yield record.terminal
                 return
             # No await between the checks above and this wait, so no write can be missed.
             changed = record.changed
@@ -131,3 +181,68 @@ class MemoryStreamStore:
         self._purge()
         metas = [record.meta for record in self._by_user.get(user, {}).values()]
         return sorted(metas, key=lambda m: m.created_at)
+
+
+def too_many_streams(limit: int) -> GatewayError:
+    return GatewayError(f"at most {limit} generations per user at once", code=ErrorCode.TOO_MANY_STREAMS)
+
+
+class MemoryLimitStore:
+    name = "memory"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.connections: dict[str, int] = {}
+        self.generations: dict[str, int] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+
+    async def add_connection(self, user: str) -> Lease | None:
+        return self.add_connection_now(user)
+
+    def add_connection_now(self, user: str) -> Lease | None:
+        count = self.connections.get(user, 0)
+        if count >= self.settings.max_connections_per_user:
+            return None
+        self.connections[user] = count + 1
+
+        async def release() -> None:
+            self._remove_connection(user)
+
+        return Lease(release)
+
+    def _remove_connection(self, user: str) -> None:
+        count = self.connections.get(user, 0) - 1
+        if count > 0:
+            self.connections[user] = count
+            return
+        self.connections.pop(user, None)
+        bucket = self.buckets.get(user)
+        if bucket is not None and bucket.full(anyio.current_time()):
+            del self.buckets[user]
+
+    async def acquire_generation(self, user: str) -> Lease:
+        return self.acquire_generation_now(user)
+
+    def acquire_generation_now(self, user: str) -> Lease:
+        now = anyio.current_time()
+        running = self.generations.get(user, 0)
+        if running >= self.settings.max_streams_per_user:
+            raise too_many_streams(self.settings.max_streams_per_user)
+        bucket = self.buckets.get(user)
+        if bucket is None:
+            bucket = TokenBucket(rate_per_s=self.settings.user_generate_rate_per_s,
+                                 burst=self.settings.user_generate_burst, now=now)
+            self.buckets[user] = bucket
+        wait_s = bucket.try_take(now)
+        if wait_s > 0:
+            raise RateLimited("too many generate requests", retry_after_s=wait_s)
+        self.generations[user] = running + 1
+
+        async def release() -> None:
+            count = self.generations.get(user, 0) - 1
+            if count > 0:
+                self.generations[user] = count
+            else:
+                self.generations.pop(user, None)
+
+        return Lease(release)

@@ -1,0 +1,143 @@
+"""The messages processes send each other over the backplane, typed, and their one
+serialized form (``to_dict`` / ``from_dict``) for backplanes that cross a process.
+
+- ``Cancel``: the process running that generation cancels it;
+- ``FollowNotice``: someone (on any process) follows this generation, so its owner must
+  not cancel it as abandoned;
+- ``Broadcast``: deliver ``data`` to every socket, or to one user's sockets;
+- ``RoomEvents``: events for every member of a room: a room generation's start, tokens and
+  end, and presence. ``origin`` is the session that caused a presence event: it is not
+  told about its own join or leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gateway.wire.events import Done, Failed, Terminal, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    user: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FollowNotice:
+    user: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    data: Any
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomStart:
+    id: str
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomTokens:
+    id: str
+    last_seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEnd:
+    id: str
+    terminal: Terminal
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    user: str
+    event: str  # "join" or "leave"
+
+
+RoomEvent = RoomStart | RoomTokens | RoomEnd | Presence
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEvents:
+    room: str
+    events: tuple[RoomEvent, ...]
+    origin: str | None = None
+
+
+ControlMessage = Cancel | FollowNotice | Broadcast | RoomEvents
+
+
+class MalformedMessage(ValueError):
+    pass
+
+
+def terminal_to_dict(terminal: Terminal) -> dict[str, Any]:
+    if isinstance(terminal, Done):
+        return {"done": terminal.finish_reason, "usage": [terminal.usage.prompt_tokens,
+                                                          terminal.usage.completion_tokens]}
+    return {"failed": terminal.code, "message": terminal.message, "extra": terminal.extra}
+
+
+def terminal_from_dict(data: dict[str, Any]) -> Terminal:
+    if "done" in data:
+        prompt_tokens, completion_tokens = data.get("usage") or (0, 0)
+        return Done(str(data["done"]), Usage(int(prompt_tokens), int(completion_tokens)))
+    extra = data.get("extra")
+    return Failed(str(data["failed"]), str(data.get("message", "")), extra if isinstance(extra, dict) else {})
+
+
+def _event_to_dict(event: RoomEvent) -> dict[str, Any]:
+    if isinstance(event, RoomEnd):
+        return {"k": "end", "id": event.id, "terminal": terminal_to_dict(event.terminal)}
+    kind = {RoomStart: "start", RoomTokens: "tokens", Presence: "presence"}[type(event)]
+    return {"k": kind, **asdict(event)}
+
+
+def _event_from_dict(data: dict[str, Any]) -> RoomEvent:
+    kind = data.get("k")
+    if kind == "tokens":
+        return RoomTokens(str(data["id"]), int(data["last_seq"]), str(data["text"]))
+    if kind == "start":
+        return RoomStart(str(data["id"]), str(data["epoch"]))
+    if kind == "end":
+        return RoomEnd(str(data["id"]), terminal_from_dict(data["terminal"]))
+    if kind == "presence":
+        return Presence(str(data["user"]), str(data["event"]))
+    raise MalformedMessage(f"unknown room event {kind!r}")
+
+
+def to_dict(message: ControlMessage) -> dict[str, Any]:
+    if isinstance(message, RoomEvents):
+        return {"op": "room", "room": message.room, "origin": message.origin,
+                "events": [_event_to_dict(event) for event in message.events]}
+    op = {Cancel: "cancel", FollowNotice: "follow", Broadcast: "broadcast"}[type(message)]
+    return {"op": op, **asdict(message)}
+
+
+def from_dict(data: Any) -> ControlMessage:
+    """Raises ``MalformedMessage`` for anything that is not a message of this version."""
+    if not isinstance(data, dict):
+        raise MalformedMessage("not an object")
+    try:
+        op = data.get("op")
+        if op == "room":
+            origin = data.get("origin")
+            return RoomEvents(str(data["room"]), tuple(_event_from_dict(e) for e in data["events"]),
+                              str(origin) if origin is not None else None)
+        if op == "cancel":
+            return Cancel(str(data["user"]), str(data["id"]))
+        if op == "follow":
+            return FollowNotice(str(data["user"]), str(data["id"]))
+        if op == "broadcast":
+            user = data.get("user")
+            return Broadcast(data.get("data"), str(user) if user is not None else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedMessage(str(exc)) from None
+    raise MalformedMessage(f"unknown op {op!r}")
