@@ -18,17 +18,14 @@ The bookkeeping of streams (``Streams``) does no I/O: it takes the frames that a
 returns the frames to send, so it is testable without a network.
 """
 
-from gateway.client.connection import (
-    CLOSE_REASONS,
-    GatewayClient,
-    backoff_delay,
-    connect,
-    describe_close,
-    should_reconnect,
-)
+from gateway.client.connection import GatewayClient, backoff_delay, connect
 from gateway.client.generation import Generation
 from gateway.client.streams import DISCONNECTED, STREAM_LOST, Delivery, Streams, StreamState
 from gateway.client.types import GatewayError, StateChange
+from gateway.wire.codes import CLOSE_RULES, describe_close, should_reconnect
+
+# What each close code means, for a caller to show: a view of the protocol's one table.
+CLOSE_REASONS: dict[int, str] = {int(code): rule.meaning for code, rule in CLOSE_RULES.items()}
 
 __all__ = [
     "CLOSE_REASONS",

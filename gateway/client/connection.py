@@ -23,35 +23,15 @@ from websockets.typing import Subprotocol
 from gateway.client.generation import Generation
 from gateway.client.streams import Delivery, Streams, StreamState, dumps
 from gateway.client.types import AuthMode, GatewayError, State, StateChange, TokenSource
-from gateway.wire.codes import CloseCode
+from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+from gateway.wire.codes import CloseCode, describe_close, should_reconnect
 
 logger = logging.getLogger("gateway.client")
 
-PROTOCOL = "gateway.v1"
-BEARER_PREFIX = "bearer."
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 # Without any frame for this many heartbeat intervals, the connection is taken as dead.
 HEARTBEAT_MISSES = 3
-
-_NO_RETRY_CODES = frozenset({CloseCode.NORMAL, CloseCode.POLICY, CloseCode.TOO_BIG})
-
-CLOSE_REASONS: dict[int, str] = {
-    1000: "closed normally",
-    1001: "the server is shutting down",
-    1006: "the connection dropped (network)",
-    1008: "authentication refused, token expired, or policy violated",
-    1009: "a frame was larger than the server accepts",
-    1011: "internal server error",
-    1013: "the server is full or this user has too many connections",
-    4000: "heartbeat timeout: nothing was heard for too long",
-    4003: "slow consumer: frames were not read fast enough",
-}
-
-
-def should_reconnect(code: int | None) -> bool:
-    """Whether a close with ``code`` is worth a reconnect (None: no close frame, a drop)."""
-    return code is None or code not in _NO_RETRY_CODES
 
 
 def backoff_delay(attempt: int, *, minimum: float = MIN_BACKOFF_S, maximum: float = MAX_BACKOFF_S,
@@ -61,11 +41,6 @@ def backoff_delay(attempt: int, *, minimum: float = MIN_BACKOFF_S, maximum: floa
     spreads the reconnects of many clients that lost the same server."""
     ceiling = min(maximum, minimum * 2 ** (min(attempt, 30) + 1))
     return (rng or random).uniform(minimum, ceiling)
-
-
-def describe_close(code: int | None, reason: str = "") -> str:
-    text = CLOSE_REASONS.get(code or 1006, "closed")
-    return f"{code or 1006}: {text}" + (f" ({reason})" if reason else "")
 
 
 def new_stream_id() -> str:
@@ -230,7 +205,7 @@ class GatewayClient:
         subprotocols = [Subprotocol(PROTOCOL)]
         if token is not None:
             if self.auth == "subprotocol":
-                subprotocols.append(Subprotocol(BEARER_PREFIX + token))
+                subprotocols.append(Subprotocol(BEARER_SUBPROTOCOL_PREFIX + token))
             elif self.auth == "header":
                 headers["Authorization"] = f"Bearer {token}"
             elif self.auth == "query":
