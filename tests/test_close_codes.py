@@ -1,10 +1,11 @@
 """One close-code policy: the protocol's table (gateway.wire.codes.CLOSE_RULES) against the
-Python client and the browser SDK's copy (run under node)."""
+Python client, the browser SDK's copy (run under node) and docs/protocol.md."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from typing import Any
@@ -109,3 +110,12 @@ console.log(JSON.stringify(out));
             "code": code,
         }, code
 
+
+def test_the_protocol_doc_lists_every_close_code_with_its_retry_policy() -> None:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text.split("\n## Close codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| [^|]+ \| ([^|]+) \|$", section, flags=re.M)
+    assert rows, "no close-code table in docs/protocol.md"
+    documented = {int(code): retry.strip().split(",")[0] for code, retry in rows}
+    assert len(documented) == len(rows), "a close code has two rows"
+    assert documented == {int(code): "yes" if rule.reconnect else "no" for code, rule in CLOSE_RULES.items()}
