@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
-    static = resources.files("gateway").joinpath("static")
+    static = resources.files("gateway").joinpath("client", "static")  # package data of gateway.client
     page = static.joinpath("index.html").read_text(encoding="utf-8")
     client_js = static.joinpath("client.js").read_text(encoding="utf-8")
 

@@ -76,7 +76,7 @@ def _chat_token(args: argparse.Namespace) -> str | None:
 def _chat(args: argparse.Namespace) -> int:
     import anyio
 
-    from gateway.chat import run_chat
+    from gateway.client.chat import run_chat
 
     token = _chat_token(args)
     url = args.url or f"ws://{_settings().host}:{_settings().port}/ws"

@@ -13,6 +13,9 @@
 // running generation from the last seq it received. Docs: docs/client-js.md.
 
 export const PROTOCOL = "gateway.v1";
+// A browser cannot set headers on a WebSocket handshake: the token goes as the subprotocol
+// "bearer.<token>" beside PROTOCOL.
+export const BEARER_SUBPROTOCOL_PREFIX = "bearer.";
 export const MIN_BACKOFF_MS = 1000;
 export const MAX_BACKOFF_MS = 30000;
 const HEARTBEAT_MISSES = 3;
@@ -21,23 +24,32 @@ const HEARTBEAT_MISSES = 3;
 export const DISCONNECTED = "disconnected";
 export const STREAM_LOST = "stream_lost";
 
-export const CLOSE_REASONS = {
-  1000: "closed normally",
-  1001: "the server is shutting down",
-  1006: "the connection dropped (network), or the server refused the handshake",
-  1008: "authentication refused, token expired, or policy violated",
-  1009: "a message was larger than the server accepts",
-  1011: "internal server error",
-  1013: "the server is full or this user has too many connections",
-  4000: "heartbeat timeout: nothing was heard for too long",
-  4003: "slow consumer: messages were not read fast enough",
+// Every close code of the protocol: whether a client reconnects after it, and what it means.
+// The server's table (gateway/wire/codes.py) is the original; the tests check this copy.
+export const CLOSE_RULES = {
+  1000: { reconnect: false, meaning: "closed normally" },
+  1001: { reconnect: true, meaning: "the server is shutting down" },
+  1006: { reconnect: true, meaning: "the connection dropped (network), or the server refused the handshake" },
+  1008: { reconnect: false, meaning: "authentication refused, token expired, or policy violated" },
+  1009: { reconnect: false, meaning: "a message was larger than the server accepts" },
+  1011: { reconnect: true, meaning: "internal server error" },
+  1013: { reconnect: true, meaning: "the server is full or this user has too many connections" },
+  4000: { reconnect: true, meaning: "heartbeat timeout: nothing was heard for too long" },
+  4003: { reconnect: true, meaning: "slow consumer: messages were not read fast enough" },
 };
 
-const NO_RETRY = new Set([1000, 1008, 1009]);
+export const CLOSE_REASONS = Object.fromEntries(
+  Object.entries(CLOSE_RULES).map(([code, rule]) => [code, rule.meaning]));
 
-/** Whether a close with this code is worth a reconnect. */
+function closeRule(code) {
+  return Object.prototype.hasOwnProperty.call(CLOSE_RULES, code) ? CLOSE_RULES[code] : undefined;
+}
+
+/** Whether a close with this code is worth a reconnect. No code (a drop without a close
+ *  frame) and codes the table does not know (a proxy's own) are. */
 export function shouldReconnect(code) {
-  return !NO_RETRY.has(code);
+  const rule = closeRule(code);
+  return rule === undefined || rule.reconnect;
 }
 
 /** Milliseconds before reconnect `attempt` (0 for the first): uniform between the minimum
@@ -47,9 +59,11 @@ export function backoffDelay(attempt, min = MIN_BACKOFF_MS, max = MAX_BACKOFF_MS
   return min + random() * (ceiling - min);
 }
 
+/** A close code as a sentence; no code is a drop, 1006. */
 export function describeClose(code, reason = "") {
-  const text = CLOSE_REASONS[code] || "closed";
-  return `${code}: ${text}` + (reason ? ` (${reason})` : "");
+  const shown = code || 1006;
+  const rule = closeRule(shown);
+  return `${shown}: ${rule ? rule.meaning : "closed"}` + (reason ? ` (${reason})` : "");
 }
 
 function newId() {
@@ -231,7 +245,7 @@ export class GatewayClient extends EventTarget {
     }
     const url = new URL(this.url);
     const protocols = [PROTOCOL];
-    if (token && this.auth === "subprotocol") protocols.push("bearer." + token);
+    if (token && this.auth === "subprotocol") protocols.push(BEARER_SUBPROTOCOL_PREFIX + token);
     if (token && this.auth === "query") url.searchParams.set("token", token);
     let socket;
     try {

@@ -1,21 +1,5 @@
-"""An async Python client for the gateway, on the ``websockets`` library.
-
-``GatewayClient`` keeps one connection open and hides drops from its callers: it answers
-the server's pings, reconnects with exponential backoff and jitter (1 s up to 30 s, never
-after a close that retrying cannot fix, such as 1008), and on every reconnect resumes each
-running generation from the last ``seq`` it received. Guarantee to a caller iterating a
-``Generation``: each token's text is yielded exactly once and in order, across any number
-of reconnects, or the generation ends with an ``error`` terminal frame saying why not.
-
-    async with GatewayClient("ws://127.0.0.1:8000/ws", token) as client:
-        answer = await client.generate("Hello there", max_tokens=64)
-        async for text in answer:
-            print(text, end="", flush=True)
-        terminal = await answer.result()
-
-The bookkeeping of streams (``Streams``) does no I/O: it takes the frames that arrive and
-returns the frames to send, so it is testable without a network.
-"""
+"""``GatewayClient``: one connection kept open across drops, the reconnect loop with its
+backoff, and the resume of every running generation on each new connection."""
 
 from __future__ import annotations
 
@@ -25,11 +9,8 @@ import json
 import logging
 import random
 import secrets
-import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -39,43 +20,18 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from gateway.wire.codes import CloseCode
+from gateway.client.generation import Generation
+from gateway.client.streams import Delivery, Streams, StreamState, dumps
+from gateway.client.types import AuthMode, GatewayError, State, StateChange, TokenSource
+from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
+from gateway.wire.codes import CloseCode, describe_close, should_reconnect
 
 logger = logging.getLogger("gateway.client")
 
-PROTOCOL = "gateway.v1"
-BEARER_PREFIX = "bearer."
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 # Without any frame for this many heartbeat intervals, the connection is taken as dead.
 HEARTBEAT_MISSES = 3
-
-AuthMode = Literal["subprotocol", "header", "query", "message"]
-TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
-State = Literal["connecting", "open", "reconnecting", "closed"]
-
-# Error codes the client itself puts in a generation's terminal frame.
-DISCONNECTED = "disconnected"  # the connection closed for good before the generation ended
-STREAM_LOST = "stream_lost"  # the server no longer has this generation (its id was reused)
-
-_NO_RETRY_CODES = frozenset({CloseCode.NORMAL, CloseCode.POLICY, CloseCode.TOO_BIG})
-
-CLOSE_REASONS: dict[int, str] = {
-    1000: "closed normally",
-    1001: "the server is shutting down",
-    1006: "the connection dropped (network)",
-    1008: "authentication refused, token expired, or policy violated",
-    1009: "a frame was larger than the server accepts",
-    1011: "internal server error",
-    1013: "the server is full or this user has too many connections",
-    4000: "heartbeat timeout: nothing was heard for too long",
-    4003: "slow consumer: frames were not read fast enough",
-}
-
-
-def should_reconnect(code: int | None) -> bool:
-    """Whether a close with ``code`` is worth a reconnect (None: no close frame, a drop)."""
-    return code is None or code not in _NO_RETRY_CODES
 
 
 def backoff_delay(attempt: int, *, minimum: float = MIN_BACKOFF_S, maximum: float = MAX_BACKOFF_S,
@@ -87,250 +43,12 @@ def backoff_delay(attempt: int, *, minimum: float = MIN_BACKOFF_S, maximum: floa
     return (rng or random).uniform(minimum, ceiling)
 
 
-def describe_close(code: int | None, reason: str = "") -> str:
-    text = CLOSE_REASONS.get(code or 1006, "closed")
-    return f"{code or 1006}: {text}" + (f" ({reason})" if reason else "")
-
-
 def new_stream_id() -> str:
     return "py-" + secrets.token_hex(8)
 
 
-def _dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
-
-
-def _cancelled(stream_id: str) -> dict[str, Any]:
-    """The terminal frame of a generation cancelled before the server heard of it."""
-    return {"type": "done", "id": stream_id, "finish_reason": "cancelled",
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
-
-
-# The bookkeeping: no I/O -------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class StreamState:
-    """What the client knows of one generation it asked for."""
-
-    id: str
-    request: dict[str, Any]
-    sent: bool = False  # the generate frame went out on some connection
-    epoch: str | None = None  # from its start frame; None until started
-    last_seq: int = -1
-    resuming: bool = False  # a resume is in flight on the current connection
-    cancel_requested: bool = False
-    terminal: dict[str, Any] | None = None
-    texts: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """Text for a generation, or its terminal frame."""
-
-    stream: StreamState
-    text: str | None = None
-    terminal: dict[str, Any] | None = None
-
-
-class Streams:
-    """Turns inbound frames into deliveries and says what to send; never does I/O.
-
-    Every method returns the frames the caller must send, in order. Guarantees: a token
-    frame whose ``seq`` is not beyond what was delivered is dropped, so a replay never
-    delivers text twice; a resume always asks for what follows the last delivered ``seq``,
-    so nothing is skipped; every stream gets exactly one terminal delivery.
-    """
-
-    def __init__(self) -> None:
-        self.streams: dict[str, StreamState] = {}
-        self.connected = False
-
-    def add(self, stream: StreamState) -> list[str]:
-        if stream.id in self.streams:
-            raise ValueError("a generation with this id is already running on this client")
-        self.streams[stream.id] = stream
-        if not self.connected:
-            return []
-        stream.sent = True
-        return [_dumps(stream.request)]
-
-    def cancel(self, stream_id: str) -> tuple[list[Delivery], list[str]]:
-        stream = self.streams.get(stream_id)
-        if stream is None or stream.cancel_requested:
-            return [], []
-        stream.cancel_requested = True
-        if not stream.sent:  # the server never heard of it
-            return [self._end(stream, _cancelled(stream.id))], []
-        return [], [_dumps({"type": "cancel", "id": stream_id})] if self.connected else []
-
-    def on_open(self) -> list[str]:
-        """A new connection said hello: resume what was running, send what was waiting."""
-        self.connected = True
-        out: list[str] = []
-        for stream in self.streams.values():
-            if stream.sent:
-                # Also for a generate with no start yet: the server may never have got it,
-                # and a ``not_found`` answer makes it go out again (see ``on_frame``).
-                stream.resuming = True
-                out.append(_dumps({"type": "resume", "id": stream.id, "after": stream.last_seq}))
-                if stream.cancel_requested:
-                    out.append(_dumps({"type": "cancel", "id": stream.id}))
-            else:
-                stream.sent = True
-                out.append(_dumps(stream.request))
-        return out
-
-    def on_close(self, final: bool, reason: str = "") -> list[Delivery]:
-        """The connection is gone; with ``final`` no other will come, so streams end here."""
-        self.connected = False
-        for stream in self.streams.values():
-            stream.resuming = False
-        if not final:
-            return []
-        message = "the connection closed before the generation ended" + (f": {reason}" if reason else "")
-        return [self._end(stream, {"type": "error", "id": stream.id, "code": DISCONNECTED, "message": message})
-                for stream in list(self.streams.values())]
-
-    def on_frame(self, frame: dict[str, Any]) -> tuple[list[Delivery], list[str]]:
-        kind = frame.get("type")
-        frame_id = frame.get("id")
-        stream = self.streams.get(frame_id) if isinstance(frame_id, str) else None
-        if stream is None:
-            return [], []
-        if kind == "token":
-            seq, text = frame.get("seq"), frame.get("text")
-            if not isinstance(seq, int) or not isinstance(text, str) or seq <= stream.last_seq:
-                return [], []
-            stream.last_seq = seq
-            stream.texts.append(text)
-            return [Delivery(stream, text=text)], []
-        if kind == "start":
-            epoch = frame.get("epoch")
-            if frame.get("resumed"):
-                stream.resuming = False
-                if stream.epoch is not None and epoch != stream.epoch:
-                    # Another generation under the same id: ours ended and expired meanwhile.
-                    lost = {"type": "error", "id": stream.id, "code": STREAM_LOST,
-                            "message": "the generation is no longer available on the server"}
-                    return [self._end(stream, lost)], []
-            if isinstance(epoch, str):
-                stream.epoch = epoch
-            return [], []
-        if kind == "done":
-            return [self._end(stream, frame)], []
-        if kind == "error":
-            if stream.resuming and frame.get("code") == "not_found" and stream.epoch is None:
-                # The generate never reached the server: send it now.
-                stream.resuming = False
-                if stream.cancel_requested:
-                    return [self._end(stream, _cancelled(stream.id))], []
-                return [], [_dumps(stream.request)]
-            if stream.cancel_requested and frame.get("code") == "not_found" and not stream.resuming:
-                return [], []  # a cancel that crossed the terminal frame; that frame is on its way
-            return [self._end(stream, frame)], []
-        return [], []
-
-    def _end(self, stream: StreamState, frame: dict[str, Any]) -> Delivery:
-        stream.terminal = frame
-        self.streams.pop(stream.id, None)
-        return Delivery(stream, terminal=frame)
-
-
-# The async client ---------------------------------------------------------------------------
-
-
-class Generation:
-    """One answer: an async iterator of text, plus ``result()`` for its terminal frame.
-
-    The terminal frame is ``{"type":"done",…}`` or ``{"type":"error",…}``; the client adds
-    the codes ``disconnected`` and ``stream_lost`` to the server's.
-    """
-
-    def __init__(self, client: GatewayClient, state: StreamState) -> None:
-        self._client = client
-        self._state = state
-        self._chunks: deque[str] = deque()
-        self._wakeup = anyio.Event()
-        self._finished = anyio.Event()
-        self.created_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-
-    @property
-    def id(self) -> str:
-        return self._state.id
-
-    @property
-    def epoch(self) -> str | None:
-        return self._state.epoch
-
-    @property
-    def text(self) -> str:
-        """Everything received so far."""
-        return "".join(self._state.texts)
-
-    @property
-    def terminal(self) -> dict[str, Any] | None:
-        return self._state.terminal
-
-    @property
-    def finish_reason(self) -> str | None:
-        terminal = self._state.terminal
-        return str(terminal.get("finish_reason")) if terminal and terminal.get("type") == "done" else None
-
-    @property
-    def tokens(self) -> int:
-        """Tokens received: the last ``seq`` plus one."""
-        return self._state.last_seq + 1
-
-    def _deliver(self, delivery: Delivery) -> None:
-        if delivery.text is not None:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self._chunks.append(delivery.text)
-        if delivery.terminal is not None:
-            self.finished_at = time.monotonic()
-            self._finished.set()
-        self._wakeup.set()
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> str:
-        while True:
-            if self._chunks:
-                return self._chunks.popleft()
-            if self._finished.is_set():
-                raise StopAsyncIteration
-            await self._wakeup.wait()
-            self._wakeup = anyio.Event()
-
-    async def result(self) -> dict[str, Any]:
-        """Wait for the terminal frame (without consuming the text)."""
-        await self._finished.wait()
-        assert self._state.terminal is not None
-        return self._state.terminal
-
-    async def cancel(self) -> None:
-        await self._client.cancel(self.id)
-
-
-@dataclass(frozen=True, slots=True)
-class StateChange:
-    state: State
-    code: int | None = None  # the close code that caused it, when there was one
-    reason: str = ""
-    delay_s: float | None = None  # for "reconnecting": when the next attempt starts
-    opened: bool = False  # for "reconnecting"/"closed": whether the lost connection had said hello
-
-
-class GatewayError(Exception):
-    """The client cannot continue: the token was refused or the client was closed."""
-
-
 class GatewayClient:
-    """See the module docstring. Use as ``async with GatewayClient(url, token) as client``.
+    """See ``gateway.client``. Use as ``async with GatewayClient(url, token) as client``.
 
     ``token`` may be a function (sync or async) so that each reconnect can use a fresh one.
     ``on_state`` is called with a ``StateChange`` on every change of ``state``; ``on_error``
@@ -396,7 +114,7 @@ class GatewayClient:
         if ws is not None:
             with anyio.move_on_after(2), contextlib.suppress(ConnectionClosed, OSError):
                 for stream_id in list(self._streams.streams):
-                    await ws.send(_dumps({"type": "cancel", "id": stream_id}))
+                    await ws.send(dumps({"type": "cancel", "id": stream_id}))
                 await ws.close(1000, "client closed")
         self._finish_all("the client was closed")
         self._set_state(StateChange("closed", code=1000))
@@ -452,7 +170,7 @@ class GatewayClient:
             frame["messages"] = [dict(m) for m in messages or ()]
         frame.update({k: v for k, v in options.items() if v is not None})
         state = StreamState(stream_id, frame)
-        generation = Generation(self, state)
+        generation = Generation(state, self.cancel)
         out = self._streams.add(state)
         self._generations[stream_id] = generation
         await self._send_all(out)
@@ -487,7 +205,7 @@ class GatewayClient:
         subprotocols = [Subprotocol(PROTOCOL)]
         if token is not None:
             if self.auth == "subprotocol":
-                subprotocols.append(Subprotocol(BEARER_PREFIX + token))
+                subprotocols.append(Subprotocol(BEARER_SUBPROTOCOL_PREFIX + token))
             elif self.auth == "header":
                 headers["Authorization"] = f"Bearer {token}"
             elif self.auth == "query":
@@ -497,7 +215,7 @@ class GatewayClient:
         ws = await ws_connect(url, subprotocols=subprotocols, additional_headers=headers,
                               open_timeout=self.open_timeout_s, max_size=2**24, logger=logger)
         if token is not None and self.auth == "message":
-            await ws.send(_dumps({"type": "auth", "token": token}))
+            await ws.send(dumps({"type": "auth", "token": token}))
         return ws
 
     async def _run(self) -> None:
@@ -640,20 +358,3 @@ def connect(url: str, token: TokenSource | None = None, **options: Any) -> Gatew
     """``async with connect(url, token) as client``: a ``GatewayClient``."""
     return GatewayClient(url, token, **options)
 
-
-__all__ = [
-    "CLOSE_REASONS",
-    "DISCONNECTED",
-    "STREAM_LOST",
-    "Delivery",
-    "GatewayClient",
-    "GatewayError",
-    "Generation",
-    "StateChange",
-    "StreamState",
-    "Streams",
-    "backoff_delay",
-    "connect",
-    "describe_close",
-    "should_reconnect",
-]
