@@ -1,3 +1,5 @@
+"""``python -m gateway``: the command line (``gateway.cli``)."""
+
 import sys
 
 from gateway.cli import main
