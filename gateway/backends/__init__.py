@@ -2,15 +2,23 @@
 
 The names are resolved by ``config.backends``: ``BUILTIN_BACKENDS`` (import strings, so
 only the chosen module is imported), then the ``gateway.backends`` entry-point group, or
-``package.module:attr`` from anywhere. The object found is called with the ``Settings``.
+``package.module:attr`` from anywhere. The object found is called with the ``Settings``,
+whose ``backend_settings`` already hold the backend's own settings model, when it has one.
 """
 
 from __future__ import annotations
 
 from config import Settings
-from config.backends import BUILTIN_BACKENDS, ENTRY_POINT_GROUP, BackendLoadError, resolve_backend_factory
+from config.backends import (
+    BUILTIN_BACKENDS,
+    ENTRY_POINT_GROUP,
+    BackendLoadError,
+    backend_settings_model,
+    resolve_backend_factory,
+)
 from gateway.backends.base import (
     Backend,
+    BackendSettings,
     ChatTurn,
     Chunk,
     FinishChunk,
@@ -21,6 +29,8 @@ from gateway.backends.base import (
 
 def load_backend(settings: Settings) -> Backend:
     factory = resolve_backend_factory(settings.backend)
+    # Settings leave a name that loads nothing, or a wrongly declared model, for here to report.
+    backend_settings_model(factory)
     backend = factory(settings)
     if not isinstance(backend, Backend):
         raise BackendLoadError(f"backend {settings.backend!r} does not implement the Backend interface")
@@ -32,6 +42,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
     "BackendLoadError",
+    "BackendSettings",
     "ChatTurn",
     "Chunk",
     "FinishChunk",
