@@ -1,5 +1,5 @@
 """The conformance subject of the example plugin in docs/backends.md, installed as a
-distribution and loaded by its entry-point name."""
+distribution and loaded by its entry-point name, with its own setting."""
 
 from __future__ import annotations
 
@@ -22,5 +22,5 @@ def shout_expected(req: GenerationRequest) -> str:
 @contextlib.asynccontextmanager
 async def subject(fixtures: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     plugin_name = fixtures.getfixturevalue("example_plugin")
-    async with running(load_backend(make_settings(backend=plugin_name))) as backend:
+    async with running(load_backend(make_settings(backend=plugin_name, shout_delay_ms=2))) as backend:
         yield Subject(backend, shout_expected)
