@@ -23,12 +23,12 @@ from benchmarks.harness import choose_pinning
 from benchmarks.peer import MODEL, upstream_process
 from config import Settings
 from gateway.backends.base import GenerationRequest, TokenChunk
-from gateway.backends.openai import OpenAIBackend
+from gateway.backends.openai import OpenAIBackend, OpenAISettings
 
 
 async def measure(port: int, tokens: int, runs: int) -> list[tuple[float, float]]:
-    settings = Settings(jwt_secret="x" * 32, backend="openai", openai_base_url=f"http://127.0.0.1:{port}/v1",
-                        openai_model=MODEL)
+    upstream = OpenAISettings(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL)
+    settings = Settings(jwt_secret="x" * 32, backend="openai", backend_settings=upstream)
     backend = OpenAIBackend(settings)
     await backend.start()
     results = []

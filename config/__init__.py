@@ -1,5 +1,6 @@
 """Settings for the gateway, read from ``GATEWAY_*`` environment variables and ``.env``."""
 
+from config.backends import BackendSettings
 from config.settings import Settings
 
-__all__ = ["Settings"]
+__all__ = ["BackendSettings", "Settings"]

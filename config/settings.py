@@ -2,30 +2,45 @@
 
 Every field is read from ``GATEWAY_<NAME>`` (or a ``.env`` file). List settings are
 comma-separated in the environment (``GATEWAY_ALLOWED_ORIGINS=https://a.example,https://b.example``).
+The chosen backend's own settings are its model (``config.backends``), read from its
+``GATEWAY_<BACKEND>_*`` variables into ``backend_settings``.
 Everything else in the project receives a ``Settings`` object; tests build one directly.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from config.backends import BackendLoadError, BackendSettings, load_backend_settings, validation_error
 
 CommaList = Annotated[list[str], NoDecode]
 
+_Model = TypeVar("_Model", bound=BackendSettings)
 
-def _split_commas(value: Any) -> Any:
+# The source options (``_env_file=None``…) of the ``Settings(...)`` call being validated:
+# the backend's model is read with them too.
+_SOURCE_OPTIONS: ContextVar[Mapping[str, Any] | None] = ContextVar("settings_source_options", default=None)
+
+
+def split_commas(value: Any) -> Any:
+    """A comma-separated string as a list of its stripped, non-empty items; others unchanged."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
-
-
-def _header_pairs(value: SecretStr | None) -> list[tuple[str, str, str]]:
-    if value is None:
-        return []
-    pairs = (pair.partition("=") for pair in value.get_secret_value().split(",") if pair.strip())
-    return [(name.strip(), sep, rest.strip()) for name, sep, rest in pairs]
 
 
 class Settings(BaseSettings):
@@ -64,37 +79,18 @@ class Settings(BaseSettings):
 
     # Backends
     backend: str = "echo"
-    echo_delay_ms: float = Field(default=30.0, ge=0)
-    synthetic_ttft_ms: float = Field(default=200.0, ge=0)
-    synthetic_tokens_per_s: float = Field(default=50.0, ge=0)
+    # The chosen backend's own settings model, filled in by _with_backend_settings from its
+    # GATEWAY_<BACKEND>_* variables; None for a backend that declares none.
+    backend_settings: Annotated[SerializeAsAny[BackendSettings] | None, NoDecode] = None
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens: int = Field(default=4096, ge=1)
 
-    # openai backend: any OpenAI-compatible server
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: SecretStr | None = None
-    openai_model: str | None = None
-    openai_models: CommaList = []
-    openai_api: Literal["chat", "completions"] = "chat"
-    # name=value pairs, comma-separated; a secret, as a header may carry a credential.
-    openai_extra_headers: SecretStr | None = None
-    openai_max_connections: int = Field(default=100, ge=1)
-    openai_keepalive_s: float = Field(default=15.0, gt=0)
-    # An HTTP proxy for upstream requests (https upstreams tunnel through it with CONNECT);
-    # a secret, as its URL may carry credentials. The process environment's HTTP(S)_PROXY
-    # and ~/.netrc are not consulted.
-    openai_proxy: SecretStr | None = None
+    # Requests to an upstream model server (the openai backend's today)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(default=60.0, gt=0)
     upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
     upstream_retries: int = Field(default=2, ge=0)
     upstream_retry_backoff_s: float = Field(default=0.25, ge=0)
-
-    # transformers backend: a local Hugging Face model
-    local_model: str | None = None
-    local_device: str = "auto"
-    local_max_concurrency: int = Field(default=1, ge=1)
-    local_queue_size: int = Field(default=16, ge=0)
 
     # Limits
     max_message_bytes: int = Field(default=65536, ge=256)
@@ -139,10 +135,54 @@ class Settings(BaseSettings):
     rooms_claim: str = "rooms"
     max_rooms_per_connection: int = Field(default=16, ge=1)
 
-    @field_validator("jwt_algorithms", "allowed_origins", "openai_models", mode="before")
+    # Hidden from type checkers, which then go on checking keywords against the fields.
+    if not TYPE_CHECKING:
+
+        def __init__(self, **values: Any) -> None:
+            options = {key: value for key, value in values.items()
+                       if key.startswith("_") and not key.startswith("_env_prefix")}
+            token = _SOURCE_OPTIONS.set(options)
+            try:
+                super().__init__(**values)
+            finally:
+                _SOURCE_OPTIONS.reset(token)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_backend_settings(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Fills ``backend_settings`` with the chosen backend's model (see
+        ``config.backends.load_backend_settings``), reporting its errors beside the others'.
+
+        A name that loads nothing leaves it None: ``load_backend`` reports that when the
+        backend is needed, so ``gateway token`` and ``gateway chat`` work whatever it is.
+        """
+        if not isinstance(data, dict):
+            return handler(data)
+        name = data.get("backend", cls.model_fields["backend"].default)
+        backend_error: ValidationError | None = None
+        if isinstance(name, str):
+            try:
+                built = load_backend_settings(name, data.get("backend_settings"), _SOURCE_OPTIONS.get())
+            except BackendLoadError:
+                built = None
+            except ValidationError as exc:
+                backend_error, built = exc, None
+            data = {**data, "backend_settings": built}
+        try:
+            settings = handler(data)
+        except ValidationError as exc:
+            if backend_error is None:
+                raise
+            errors = [*exc.errors(), *backend_error.errors()]
+            raise validation_error(cls.__name__, [(error, error["loc"]) for error in errors]) from None
+        if backend_error is not None:
+            raise backend_error
+        return settings
+
+    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
-        return _split_commas(value)
+        return split_commas(value)
 
     @field_validator("jwt_algorithms")
     @classmethod
@@ -177,29 +217,6 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes long")
         return value
 
-    @field_validator("openai_extra_headers")
-    @classmethod
-    def _header_pairs(cls, value: SecretStr | None) -> SecretStr | None:
-        for name, sep, _ in _header_pairs(value):
-            # Only the name goes into the message: a header value may be a credential.
-            if not sep or not name or not all(c.isalnum() or c in "-_" for c in name):
-                raise ValueError(f"openai_extra_headers: expected name=value pairs, got one named {name!r}")
-        return value
-
-    @field_validator("openai_base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("openai_base_url must start with http:// or https://")
-        return value.rstrip("/")
-
-    @field_validator("openai_proxy")
-    @classmethod
-    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
-            raise ValueError("openai_proxy must start with http:// or https://")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_tokens:
@@ -208,10 +225,16 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
         return self
 
-    @property
-    def openai_headers(self) -> dict[str, str]:
-        """``openai_extra_headers`` as a mapping."""
-        return {name: value for name, _, value in _header_pairs(self.openai_extra_headers)}
+    def backend_settings_as(self, model: type[_Model]) -> _Model:
+        """The backend's own settings, typed as ``model``, the model the backend declares.
+
+        Raises ``TypeError`` when they are not (settings made for another backend)."""
+        found = self.backend_settings
+        if not isinstance(found, model):
+            carried = "no backend settings" if found is None else f"{type(found).__name__}"
+            raise TypeError(f"this backend reads {model.__name__}, but the settings (GATEWAY_BACKEND="
+                            f"{self.backend}) carry {carried}")
+        return found
 
     @property
     def has_jwt_key(self) -> bool:

@@ -18,6 +18,7 @@ import jwt
 from websockets.asyncio.client import ClientConnection, connect
 
 from config import Settings
+from config.backends import flat_prefix, settings_model_for
 from gateway.app import create_app
 from gateway.transport.uvicorn import GatewayServer, uvicorn_config
 
@@ -25,18 +26,49 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789abcdef0123456789"
 
 
+# Backend settings every test gets unless it says otherwise: no pauses.
+BACKEND_TEST_DEFAULTS: dict[str, Any] = {"echo_delay_ms": 0, "synthetic_ttft_ms": 0}
+
+
 def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test: no ``.env``, quiet logs, no pings, no pauses, no resume grace.
+
+    A keyword is a ``Settings`` field, or a setting of the chosen backend named as in the
+    environment without ``GATEWAY_`` (``synthetic_tokens_per_s`` for
+    ``GATEWAY_SYNTHETIC_TOKENS_PER_S``): those go into ``backend_settings`` as the fields of
+    the backend's model (``tokens_per_s``), so a test reads like the environment it stands
+    for. A keyword that is neither is refused. A test may pass ``backend_settings`` (the
+    model, or a dict of its fields) instead, which is then used as is.
+    """
+    fields = Settings.model_fields
     values: dict[str, Any] = {
         "jwt_secret": SECRET,
-        "echo_delay_ms": 0,
-        "synthetic_ttft_ms": 0,
         "ws_ping_interval_s": 0,
         "log_level": "warning",
         # Most tests check that a disconnect cancels at once; resume tests set a grace.
         "resume_grace_s": 0,
+        **{key: value for key, value in overrides.items() if key in fields},
     }
-    values.update(overrides)
+    named = {key: value for key, value in overrides.items() if key not in fields}
+    if "backend_settings" not in values:
+        values["backend_settings"] = _backend_fields(values.get("backend", fields["backend"].default), named) or None
+    elif named:
+        raise TypeError(f"make_settings: {', '.join(named)}: not Settings fields, and backend_settings is given")
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def _backend_fields(backend: str, named: dict[str, Any]) -> dict[str, Any]:
+    """``named`` and the test defaults as fields of the backend's settings model
+    (``synthetic_tokens_per_s`` becomes ``tokens_per_s``)."""
+    model = settings_model_for(backend)
+    prefix = flat_prefix(model) if model is not None else ""
+    own: dict[str, Any] = {}
+    for key, value in {**BACKEND_TEST_DEFAULTS, **named}.items():
+        if model is not None and key.startswith(prefix) and key[len(prefix):] in model.model_fields:
+            own[key[len(prefix):]] = value
+        elif key in named:
+            raise TypeError(f"make_settings: {key} is neither a Settings field nor a setting of backend {backend!r}")
+    return own
 
 
 def mint(sub: str = "alice", *, ttl: float = 3600, secret: str = SECRET, algorithm: str = "HS256",

@@ -275,7 +275,7 @@ async def test_broken_streams_are_backend_errors_after_valid_tokens(upstream: Fa
 async def test_unreachable_upstream_is_backend_error() -> None:
     with FakeUpstream() as fake:
         url = fake.base_url
-    settings = make_settings(openai_base_url=url, upstream_retry_backoff_s=0.01)
+    settings = make_settings(backend="openai", openai_base_url=url, upstream_retry_backoff_s=0.01)
     async with started(settings) as backend:
         _, _, error = await collect(backend, request())
         assert error is not None and error.code is ErrorCode.BACKEND_ERROR

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config import Settings
+from config import BackendSettings, Settings
+from config.backends import BUILTIN_BACKENDS, BackendLoadError, flat_prefix, settings_model_for
+from gateway.backends import load_backend
+from gateway.backends.echo import EchoSettings
+from gateway.backends.openai import OpenAISettings
+from gateway.backends.synthetic import SyntheticSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +26,17 @@ def example_entries() -> dict[str, str]:
     return entries
 
 
+def builtin_models() -> dict[str, type[BackendSettings]]:
+    models = {name: settings_model_for(name) for name in BUILTIN_BACKENDS}
+    return {name: model for name, model in models.items() if model is not None}
+
+
 def test_env_example_lists_every_setting_with_a_comment() -> None:
     keys = set(example_entries())
-    fields = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    # backend_settings holds the chosen backend's model: its fields are the variables.
+    fields = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields if name != "backend_settings"}
+    for model in builtin_models().values():
+        fields |= {f"GATEWAY_{flat_prefix(model)}{name}".upper() for name in model.model_fields}
     assert keys == fields
     lines = (ROOT / ".env.example").read_text().splitlines()
     for index, line in enumerate(lines):
@@ -33,12 +46,25 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
             assert above.startswith("#") or above.startswith("GATEWAY_"), line
 
 
-def test_env_example_values_are_the_defaults(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", sorted(BUILTIN_BACKENDS))
+def test_env_example_values_are_the_defaults(tmp_path: Path, backend: str) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text((ROOT / ".env.example").read_text())
-    from_example = Settings(_env_file=str(env_file))  # type: ignore[call-arg]
-    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    from_example = Settings(_env_file=str(env_file), backend=backend)  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None, backend=backend)  # type: ignore[call-arg]
     assert from_example.model_dump() == defaults.model_dump()
+    assert from_example.model_dump()["backend_settings"] == defaults.model_dump()["backend_settings"] != {}
+
+
+def test_the_backend_model_reads_the_env_file_settings_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("GATEWAY_BACKEND=synthetic\nGATEWAY_SYNTHETIC_TOKENS_PER_S=7\n")
+    other = tmp_path / "other.env"
+    other.write_text("GATEWAY_BACKEND=synthetic\nGATEWAY_SYNTHETIC_TOKENS_PER_S=8\n")
+    monkeypatch.chdir(tmp_path)
+    assert Settings().backend_settings_as(SyntheticSettings).tokens_per_s == 7
+    assert Settings(_env_file=str(other)).backend_settings_as(SyntheticSettings).tokens_per_s == 8  # type: ignore[call-arg]
+    unread = Settings(_env_file=None, backend="synthetic")  # type: ignore[call-arg]
+    assert unread.backend_settings_as(SyntheticSettings).tokens_per_s == 50
 
 
 def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,16 +85,92 @@ def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     {"send_queue_size": 0},
     {"env": "staging"},
     {"jwt_secret": "too-short"},
-    {"openai_extra_headers": "X-Key"},
-    {"openai_extra_headers": "bad name=1"},
-    {"openai_base_url": "ftp://models.example"},
-    {"openai_proxy": "proxy.example:3128"},
-    {"openai_api": "responses"},
-    {"local_max_concurrency": 0},
+    {"backend": "echo", "backend_settings": {"delay_ms": -1}},
+    {"backend": "synthetic", "backend_settings": {"tokens_per_s": -1}},
+    {"backend": "openai", "backend_settings": {"extra_headers": "X-Key"}},
+    {"backend": "openai", "backend_settings": {"extra_headers": "bad name=1"}},
+    {"backend": "openai", "backend_settings": {"base_url": "ftp://models.example"}},
+    {"backend": "openai", "backend_settings": {"proxy": "proxy.example:3128"}},
+    {"backend": "openai", "backend_settings": {"api": "responses"}},
+    {"backend": "transformers", "backend_settings": {"max_concurrency": 0}},
 ])
 def test_invalid_settings_are_refused(values: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("backend", "variable", "value", "message"), [
+    ("echo", "GATEWAY_ECHO_DELAY_MS", "-1", "Input should be greater than or equal to 0"),
+    ("synthetic", "GATEWAY_SYNTHETIC_TTFT_MS", "soon",
+     "Input should be a valid number, unable to parse string as a number"),
+    ("openai", "GATEWAY_OPENAI_BASE_URL", "ftp://models.example",
+     "Value error, openai_base_url must start with http:// or https://"),
+    ("transformers", "GATEWAY_LOCAL_QUEUE_SIZE", "-1", "Input should be greater than or equal to 0"),
+])
+def test_a_bad_backend_variable_is_reported_by_its_full_name(
+        monkeypatch: pytest.MonkeyPatch, backend: str, variable: str, value: str, message: str) -> None:
+    from gateway.cli import main
+
+    monkeypatch.chdir(ROOT / "tests")  # no .env here
+    monkeypatch.setenv("GATEWAY_BACKEND", backend)
+    monkeypatch.setenv(variable, value)
+    # Reported beside the gateway's own bad settings, as every invalid setting is.
+    monkeypatch.setenv("GATEWAY_PORT", "eighty")
+    with pytest.raises(SystemExit) as caught:
+        main(["token", "--sub", "x"])
+    lines = str(caught.value.code).splitlines()
+    assert lines[0] == "invalid settings:"
+    assert "  GATEWAY_PORT: Input should be a valid integer, unable to parse string as an integer" in lines
+    assert f"  {variable}: {message}" in lines, lines
+    assert value not in "\n".join(lines[1:]) and "eighty" not in "\n".join(lines)
+
+
+def test_backend_settings_come_from_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_BACKEND", "synthetic")
+    monkeypatch.setenv("GATEWAY_SYNTHETIC_TTFT_MS", "12")
+    monkeypatch.setenv("GATEWAY_SYNTHETIC_TOKENS_PER_S", "34")
+    monkeypatch.setenv("GATEWAY_ECHO_DELAY_MS", "56")  # another backend's: not read
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    own = settings.backend_settings_as(SyntheticSettings)
+    assert (own.ttft_ms, own.tokens_per_s) == (12, 34)
+    refused = r"reads EchoSettings, but the settings \(GATEWAY_BACKEND=synthetic\) carry SyntheticSettings"
+    with pytest.raises(TypeError, match=refused):
+        settings.backend_settings_as(EchoSettings)
+
+
+def test_given_backend_settings_are_used_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_SYNTHETIC_TTFT_MS", "12")
+    # A dict: its fields, over the environment.
+    settings = Settings(_env_file=None, backend="synthetic",  # type: ignore[call-arg]
+                        backend_settings={"tokens_per_s": 3})
+    assert settings.backend_settings == SyntheticSettings(_env_file=None, ttft_ms=12, tokens_per_s=3)
+    # A model instance: as it is.
+    given = SyntheticSettings(_env_file=None, ttft_ms=1)
+    assert Settings(_env_file=None, backend="synthetic", backend_settings=given).backend_settings is given  # type: ignore[call-arg]
+    # Another backend's model, or a value from the environment, is refused.
+    with pytest.raises(ValidationError, match="backend 'echo' takes EchoSettings, or a dict of its fields, not Synth"):
+        Settings(_env_file=None, backend="echo", backend_settings=given)  # type: ignore[call-arg]
+    monkeypatch.setenv("GATEWAY_BACKEND_SETTINGS", '{"delay_ms": 1}')
+    with pytest.raises(ValidationError, match="GATEWAY_ECHO_\\* variables"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_a_backend_without_settings_has_none() -> None:
+    settings = Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend")  # type: ignore[call-arg]
+    assert settings.backend_settings is None
+    with pytest.raises(TypeError, match="carry no backend settings"):
+        settings.backend_settings_as(EchoSettings)
+    with pytest.raises(ValidationError, match="has no settings model"):
+        Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend",  # type: ignore[call-arg]
+                 backend_settings={"delay_ms": 1})
+
+
+def test_an_unknown_backend_is_reported_when_it_loads() -> None:
+    # gateway token and gateway chat need no backend: the settings are built whatever it is.
+    settings = Settings(_env_file=None, backend="no-such-backend")  # type: ignore[call-arg]
+    assert settings.backend_settings is None
+    with pytest.raises(BackendLoadError, match="unknown backend 'no-such-backend'; known: echo, openai"):
+        load_backend(settings)
 
 
 def test_secret_is_not_shown_in_repr() -> None:
@@ -78,20 +180,25 @@ def test_secret_is_not_shown_in_repr() -> None:
 
 
 def test_openai_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_BACKEND", "openai")
     monkeypatch.setenv("GATEWAY_OPENAI_BASE_URL", "http://127.0.0.1:8001/v1/")
     monkeypatch.setenv("GATEWAY_OPENAI_API_KEY", "sk-very-secret-key-value")
     monkeypatch.setenv("GATEWAY_OPENAI_MODELS", "small, large")
     monkeypatch.setenv("GATEWAY_OPENAI_EXTRA_HEADERS", "X-Org=acme, X-Token=a=b")
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.openai_base_url == "http://127.0.0.1:8001/v1"
-    assert settings.openai_models == ["small", "large"]
-    assert settings.openai_headers == {"X-Org": "acme", "X-Token": "a=b"}
+    openai = settings.backend_settings_as(OpenAISettings)
+    assert openai.base_url == "http://127.0.0.1:8001/v1"
+    assert openai.models == ["small", "large"]
+    assert openai.headers == {"X-Org": "acme", "X-Token": "a=b"}
     assert "sk-very-secret-key-value" not in repr(settings)
+    assert "sk-very-secret-key-value" not in str(settings.model_dump())
 
 
-def test_a_refused_header_pair_does_not_show_its_value() -> None:
+def test_a_refused_header_pair_does_not_show_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_OPENAI_EXTRA_HEADERS", "X-Ok=1,Bad Name=hunter2-secret")
     with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, openai_extra_headers="X-Ok=1,Bad Name=hunter2-secret")  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="openai")  # type: ignore[call-arg]
+    assert [error["loc"] for error in caught.value.errors()] == [("openai_extra_headers",)]
     assert "hunter2-secret" not in str(caught.value)
 
 
@@ -122,5 +229,6 @@ def test_tracebacks_in_logs_are_redacted() -> None:
 
 def test_a_refused_proxy_url_does_not_show_its_credentials() -> None:
     with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, openai_proxy="socks5://user:hunter2-secret@proxy")  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="openai",  # type: ignore[call-arg]
+                 backend_settings={"proxy": "socks5://user:hunter2-secret@proxy"})
     assert "hunter2-secret" not in str(caught.value)

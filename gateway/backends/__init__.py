@@ -1,19 +1,24 @@
 """Generator backends, chosen by name (``GATEWAY_BACKEND``).
 
-A name is looked up in ``BUILTIN_BACKENDS`` (import strings, so only the chosen module is
-imported), then in the ``gateway.backends`` entry-point group; ``package.module:attr``
-loads a class or factory from anywhere. The object found is called with the ``Settings``.
+The names are resolved by ``config.backends``: ``BUILTIN_BACKENDS`` (import strings, so
+only the chosen module is imported), then the ``gateway.backends`` entry-point group, or
+``package.module:attr`` from anywhere. The object found is called with the ``Settings``,
+whose ``backend_settings`` already hold the backend's own settings model, when it has one.
 """
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-from typing import Any
-
 from config import Settings
+from config.backends import (
+    BUILTIN_BACKENDS,
+    ENTRY_POINT_GROUP,
+    BackendLoadError,
+    backend_settings_model,
+    resolve_backend_factory,
+)
 from gateway.backends.base import (
     Backend,
+    BackendSettings,
     ChatTurn,
     Chunk,
     FinishChunk,
@@ -21,51 +26,11 @@ from gateway.backends.base import (
     TokenChunk,
 )
 
-BUILTIN_BACKENDS: dict[str, str] = {
-    "echo": "gateway.backends.echo:EchoBackend",
-    "synthetic": "gateway.backends.synthetic:SyntheticBackend",
-    "openai": "gateway.backends.openai:OpenAIBackend",
-    "transformers": "gateway.backends.transformers:TransformersBackend",
-}
-
-ENTRY_POINT_GROUP = "gateway.backends"
-
-
-class BackendLoadError(RuntimeError):
-    pass
-
-
-def _import_attr(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise BackendLoadError(f"backend {spec!r} is not of the form package.module:attr")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise BackendLoadError(f"cannot import backend module {module_name!r}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise BackendLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return target
-
-
-def resolve_backend_factory(name: str) -> Any:
-    if name in BUILTIN_BACKENDS:
-        return _import_attr(BUILTIN_BACKENDS[name])
-    if ":" in name:
-        return _import_attr(name)
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name == name:
-            return entry_point.load()
-    known = sorted(BUILTIN_BACKENDS) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    raise BackendLoadError(f"unknown backend {name!r}; known: {', '.join(known)}")
-
 
 def load_backend(settings: Settings) -> Backend:
     factory = resolve_backend_factory(settings.backend)
+    # Settings leave a name that loads nothing, or a wrongly declared model, for here to report.
+    backend_settings_model(factory)
     backend = factory(settings)
     if not isinstance(backend, Backend):
         raise BackendLoadError(f"backend {settings.backend!r} does not implement the Backend interface")
@@ -77,6 +42,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
     "BackendLoadError",
+    "BackendSettings",
     "ChatTurn",
     "Chunk",
     "FinishChunk",

@@ -11,6 +11,10 @@ finish reason and usage. Guarantees the gateway relies on:
 - faults are raised as ``gateway.wire.errors.GatewayError`` subclasses (``BackendError``,
   ``BackendTimeout``, ``RateLimited``); any other exception reaches the client as
   ``internal`` with no detail.
+
+A backend with settings of its own declares them as a ``BackendSettings`` subclass with
+the prefix ``GATEWAY_<NAME>_``, names it in a ``settings_model`` class attribute, and reads
+them with ``settings.backend_settings_as(ThatModel)``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from config import Settings
+from config.backends import BackendSettings as BackendSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import anyio
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from config import Settings
-from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
 
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 
@@ -18,11 +21,21 @@ def split_words(text: str) -> list[str]:
     return _WORD.findall(text)
 
 
+class EchoSettings(BackendSettings):
+    """``GATEWAY_ECHO_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_ECHO_")
+
+    # The pause between two words.
+    delay_ms: float = Field(default=30.0, ge=0)
+
+
 class EchoBackend:
     name = "echo"
+    settings_model: ClassVar[type[BackendSettings]] = EchoSettings
 
     def __init__(self, settings: Settings) -> None:
-        self.delay_s = settings.echo_delay_ms / 1000.0
+        self.delay_s = settings.backend_settings_as(EchoSettings).delay_ms / 1000.0
 
     async def start(self) -> None:
         return None

@@ -34,14 +34,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiohttp
 import anyio
 import orjson
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from config import Settings
-from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+from config.settings import CommaList, split_commas
+from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
 from gateway.backends.sse import SSEDecoder, SSEError
 from gateway.wire.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
 
@@ -179,22 +182,84 @@ class _Usage:
     completion_tokens: int | None = None
 
 
+def _header_pairs(value: SecretStr | None) -> list[tuple[str, str, str]]:
+    if value is None:
+        return []
+    pairs = (pair.partition("=") for pair in value.get_secret_value().split(",") if pair.strip())
+    return [(name.strip(), sep, rest.strip()) for name, sep, rest in pairs]
+
+
+class OpenAISettings(BackendSettings):
+    """``GATEWAY_OPENAI_*``: the upstream server and how to reach it. The timeouts and
+    retries (``GATEWAY_UPSTREAM_*``) are the gateway's, in ``Settings``."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_OPENAI_")
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    model: str | None = None
+    models: CommaList = []
+    api: Literal["chat", "completions"] = "chat"
+    # name=value pairs, comma-separated; a secret, as a header may carry a credential.
+    extra_headers: SecretStr | None = None
+    max_connections: int = Field(default=100, ge=1)
+    keepalive_s: float = Field(default=15.0, gt=0)
+    # An HTTP proxy for upstream requests (https upstreams tunnel through it with CONNECT);
+    # a secret, as its URL may carry credentials. The process environment's HTTP(S)_PROXY
+    # and ~/.netrc are not consulted.
+    proxy: SecretStr | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return split_commas(value)
+
+    @field_validator("extra_headers")
+    @classmethod
+    def _valid_header_pairs(cls, value: SecretStr | None) -> SecretStr | None:
+        for name, sep, _ in _header_pairs(value):
+            # Only the name goes into the message: a header value may be a credential.
+            if not sep or not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"openai_extra_headers: expected name=value pairs, got one named {name!r}")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("openai_base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("openai_proxy must start with http:// or https://")
+        return value
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``extra_headers`` as a mapping."""
+        return {name: value for name, _, value in _header_pairs(self.extra_headers)}
+
+
 class OpenAIBackend:
     name = "openai"
+    settings_model: ClassVar[type[BackendSettings]] = OpenAISettings
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.openai = openai = settings.backend_settings_as(OpenAISettings)
         self._session: aiohttp.ClientSession | None = None
-        self._url = settings.openai_base_url + (
-            "/chat/completions" if settings.openai_api == "chat" else "/completions")
-        self._models_url = settings.openai_base_url + "/models"
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-        self._headers = dict(settings.openai_headers)
+        self._url = openai.base_url + ("/chat/completions" if openai.api == "chat" else "/completions")
+        self._models_url = openai.base_url + "/models"
+        key = openai.api_key.get_secret_value() if openai.api_key else ""
+        self._headers = dict(openai.headers)
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
-        self._proxy = settings.openai_proxy.get_secret_value() if settings.openai_proxy else None
+        self._proxy = openai.proxy.get_secret_value() if openai.proxy else None
         # Longest first, so a secret that contains another is removed whole.
-        candidates = [key, *settings.openai_headers.values(), self._proxy or ""]
+        candidates = [key, *openai.headers.values(), self._proxy or ""]
         self._secrets = tuple(sorted({s for s in candidates if len(s) >= 4}, key=len, reverse=True))
         self._include_usage = True
         self._ready_until = -math.inf
@@ -207,7 +272,8 @@ class OpenAIBackend:
         s = self.settings
         self._session = aiohttp.ClientSession(
             headers=self._headers,
-            connector=aiohttp.TCPConnector(limit=s.openai_max_connections, keepalive_timeout=s.openai_keepalive_s),
+            connector=aiohttp.TCPConnector(limit=self.openai.max_connections,
+                                           keepalive_timeout=self.openai.keepalive_s),
             # Reads are bounded by the first-token and idle deadlines below, and waiting for
             # a pooled connection by the first-token deadline, not by per-read timeouts.
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=s.upstream_connect_timeout_s,
@@ -249,14 +315,14 @@ class OpenAIBackend:
     # Requests -------------------------------------------------------------------------------
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
-        s = self.settings
-        if request.model is not None and s.openai_models and request.model not in s.openai_models:
-            raise BadRequest(f"model {request.model!r} is not available; choose one of: {', '.join(s.openai_models)}")
-        model = request.model or s.openai_model or (s.openai_models[0] if s.openai_models else None)
+        o = self.openai
+        if request.model is not None and o.models and request.model not in o.models:
+            raise BadRequest(f"model {request.model!r} is not available; choose one of: {', '.join(o.models)}")
+        model = request.model or o.model or (o.models[0] if o.models else None)
         body: dict[str, Any] = {"stream": True, "max_tokens": request.max_tokens}
         if model:
             body["model"] = model
-        if s.openai_api == "chat":
+        if o.api == "chat":
             turns = request.messages or ()
             body["messages"] = (
                 [{"role": turn.role, "content": turn.content} for turn in turns]

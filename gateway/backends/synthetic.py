@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Iterator
+from typing import ClassVar
 
 import anyio
 import anyio.lowlevel
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from config import Settings
-from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
 
 VOCABULARY = (
     "the model streams tokens over a socket while clients read them as fast as they can and every gateway "
@@ -47,12 +50,25 @@ def synthetic_tokens(prompt: str, count: int) -> list[str]:
     return list(iter_synthetic_tokens(prompt, count))
 
 
+class SyntheticSettings(BackendSettings):
+    """``GATEWAY_SYNTHETIC_*``."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_SYNTHETIC_")
+
+    # Time to the first token.
+    ttft_ms: float = Field(default=200.0, ge=0)
+    # Tokens per second after the first; 0: as fast as possible.
+    tokens_per_s: float = Field(default=50.0, ge=0)
+
+
 class SyntheticBackend:
     name = "synthetic"
+    settings_model: ClassVar[type[BackendSettings]] = SyntheticSettings
 
     def __init__(self, settings: Settings) -> None:
-        self.ttft_s = settings.synthetic_ttft_ms / 1000.0
-        self.tokens_per_s = settings.synthetic_tokens_per_s
+        own = settings.backend_settings_as(SyntheticSettings)
+        self.ttft_s = own.ttft_ms / 1000.0
+        self.tokens_per_s = own.tokens_per_s
 
     async def start(self) -> None:
         return None

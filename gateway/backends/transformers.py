@@ -22,18 +22,20 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import torch
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from config import Settings
-from gateway.backends.base import Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import BackendError, GatewayError
 
@@ -143,23 +145,38 @@ class _Loaded:
     device: Any
 
 
+class TransformersSettings(BackendSettings):
+    """``GATEWAY_LOCAL_*``: the model and how it is shared."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_LOCAL_")
+
+    # A model directory, or a hub id where the machine has network access.
+    model: str | None = None
+    # auto (cuda when available, else cpu), cpu, cuda, cuda:1, mps...
+    device: str = "auto"
+    max_concurrency: int = Field(default=1, ge=1)
+    queue_size: int = Field(default=16, ge=0)
+
+
 class TransformersBackend:
     name = "transformers"
+    settings_model: ClassVar[type[BackendSettings]] = TransformersSettings
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.local_model:
+        local = settings.backend_settings_as(TransformersSettings)
+        if not local.model:
             raise ValueError("the transformers backend needs GATEWAY_LOCAL_MODEL (a model directory or hub id)")
-        self.settings = settings
-        self.model_name = settings.local_model
+        self.local = local
+        self.model_name = local.model
         self._loaded: _Loaded | None = None
-        self.admission = _Admission(settings.local_max_concurrency, settings.local_queue_size)
+        self.admission = _Admission(local.max_concurrency, local.queue_size)
 
     async def start(self) -> None:
         self._loaded = await anyio.to_thread.run_sync(self._load)
         logger.info("local model loaded on %s", self._loaded.device)
 
     def _load(self) -> _Loaded:
-        requested = self.settings.local_device
+        requested = self.local.device
         if requested == "auto":
             requested = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(requested)
