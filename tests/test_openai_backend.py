@@ -15,8 +15,10 @@ from multidict import CIMultiDict
 
 from gateway.backends import FinishChunk, GenerationRequest, TokenChunk
 from gateway.backends import openai as openai_module
+from gateway.backends import upstream as upstream_module
 from gateway.backends.echo import split_words
-from gateway.backends.openai import OpenAIBackend, map_finish_reason, retry_after_seconds, sanitize
+from gateway.backends.openai import OpenAIBackend
+from gateway.backends.upstream import map_finish_reason, retry_after_seconds, sanitize
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError
 from tests.fake_upstream import FakeUpstream, Plan
@@ -373,13 +375,13 @@ async def test_error_event_mid_stream_is_sanitised(upstream: FakeUpstream) -> No
 def test_sanitize_and_retry_after() -> None:
     assert sanitize("bad key sk-abcdef1234567890 here", ()) == "bad key [redacted] here"
     assert sanitize("line\nbreaks\x00 and  spaces", ()) == "line breaks and spaces"
-    assert len(sanitize("x " * 500, ())) == openai_module.DETAIL_CHARS
+    assert len(sanitize("x " * 500, ())) == upstream_module.DETAIL_CHARS
     assert sanitize("part abcdefgh-zz", ("0000abcdefgh1111",)) == ""
     assert retry_after_seconds(CIMultiDict({"Retry-After": "2.5"})) == 2.5
     assert retry_after_seconds(CIMultiDict({"retry-after-ms": "1500"})) == 1.5
     assert retry_after_seconds(CIMultiDict({"x-ratelimit-reset-requests": "1m30s"})) == 90.0
     assert retry_after_seconds(CIMultiDict({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0
-    assert retry_after_seconds(CIMultiDict({})) == openai_module.DEFAULT_RETRY_AFTER_S
+    assert retry_after_seconds(CIMultiDict({})) == upstream_module.DEFAULT_RETRY_AFTER_S
 
 
 # Through the gateway ---------------------------------------------------------------------------
