@@ -132,6 +132,23 @@ def test_no_import_cycle() -> None:
     assert not cycles, cycles
 
 
+# Besides the protocol's own package, JSON is the storage format of the cluster parts and
+# the upstream's protocol of the backends; nothing else may build or parse it.
+JSON_ALLOWED = ("gateway.wire", "gateway.cluster", "gateway.backends")
+
+
+def test_protocol_json_is_built_and_parsed_only_in_wire() -> None:
+    offenders = []
+    for name, path in modules().items():
+        if name.startswith(JSON_ALLOWED):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{name} imports {imported}" for imported in names if imported in ("json", "orjson")]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_every_module_says_its_job_and_stays_small() -> None:
     problems = []
     for name, path in modules().items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import random
 import secrets
@@ -25,6 +24,7 @@ from gateway.client.streams import Delivery, Streams, StreamState, dumps
 from gateway.client.types import AuthMode, GatewayError, State, StateChange, TokenSource
 from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
 from gateway.wire.codes import CloseCode, describe_close, should_reconnect
+from gateway.wire.peer import decode_server_frame
 
 logger = logging.getLogger("gateway.client")
 
@@ -269,8 +269,8 @@ class GatewayClient:
         opened = False
         try:
             with anyio.fail_after(self.open_timeout_s):
-                hello = json.loads(await ws.recv())
-            if not isinstance(hello, dict) or hello.get("type") != "hello":
+                hello = decode_server_frame(await ws.recv())
+            if hello is None or hello.get("type") != "hello":
                 await ws.close(1002, "expected hello")
                 return False
             self.hello = hello
@@ -288,11 +288,8 @@ class GatewayClient:
                     # A half-open connection: nothing, not even the server's ping. A close
                     # handshake would wait for a peer that is gone: ``_discard`` aborts it.
                     break
-                try:
-                    frame = json.loads(message)
-                except ValueError:
-                    continue
-                if isinstance(frame, dict):
+                frame = decode_server_frame(message)
+                if frame is not None:
                     await self._on_frame(ws, frame)
         except (ConnectionClosed, TimeoutError, OSError):
             pass

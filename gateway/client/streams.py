@@ -3,17 +3,17 @@ frames that arrive and returns the frames to send, so it is testable without a n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from gateway.wire.peer import encode_client_frame
 
 # Error codes the client itself puts in a generation's terminal frame.
 DISCONNECTED = "disconnected"  # the connection closed for good before the generation ended
 STREAM_LOST = "stream_lost"  # the server no longer has this generation (its id was reused)
 
 
-def dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+dumps = encode_client_frame
 
 
 def _cancelled(stream_id: str) -> dict[str, Any]:
