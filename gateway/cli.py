@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway (settings from GATEWAY_* and .env)")
     serve.add_argument("--host", help="bind address (default: GATEWAY_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: GATEWAY_PORT, 8000)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: GATEWAY_WORKERS, 1; >1 needs Redis)")
+    serve.add_argument("--workers", type=int,
+                       help="worker processes (default: GATEWAY_WORKERS, 1; >1 needs GATEWAY_CLUSTER_URL=redis://…)")
     serve.set_defaults(handler=_serve)
     token = commands.add_parser("token", help="mint a development JWT from GATEWAY_JWT_SECRET")
     token.add_argument("--sub", required=True, help="user id (the 'sub' claim)")
