@@ -20,6 +20,7 @@ from gateway.cluster import build_cluster
 from gateway.endpoints import admin_broadcast, websocket_endpoint
 from gateway.hub import Hub
 from gateway.metrics import Metrics
+from gateway.runtime import GCPauses, LoopLagProbe
 from gateway.wire.errors import Unavailable
 
 logger = logging.getLogger("gateway.app")
@@ -62,9 +63,15 @@ def create_app(settings: Settings) -> FastAPI:
             await backend.start()
             _log_startup(settings, authenticator)
             logger.info("gateway ready: backend=%s cluster=%s node=%s", backend.name, cluster.name, cluster.node_id)
+            loop_lag = LoopLagProbe(metrics)
+            gc_pauses = GCPauses(metrics)
+            loop_lag.start()
+            gc_pauses.start()
             try:
                 yield
             finally:
+                loop_lag.stop()
+                gc_pauses.stop()
                 task_group.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await backend.aclose()

@@ -38,6 +38,16 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
+        pause_buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 50 ms: a stall of every connection at once",
+            buckets=pause_buckets, registry=r,
+        )
+        self.gc_pause = Histogram(
+            "gateway_gc_pause_seconds", "Garbage collections, by generation, and how long each stopped the process",
+            ["generation"], buckets=pause_buckets, registry=r,
+        )
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
         self.cluster_up = Gauge("gateway_cluster_up", "1 while the cluster store answers (always 1 for memory://)",
                                 registry=r)
