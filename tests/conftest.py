@@ -39,6 +39,17 @@ def serve() -> Iterator[Serve]:
         yield start
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Building the tiny model (torch, transformers, a trained tokenizer) takes seconds: a
+    test that needs it is slow, whether it asks for ``tiny_model_dir`` or runs the
+    transformers backend (the backend conformance suite fetches the model by name)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) or "transformers" in params:
+            item.add_marker(pytest.mark.slow)
+
+
 def _missing(what: str) -> None:
     """Skip when an optional dependency is missing, except under CI, where it is a failure:
     CI installs every dependency, so a missing one is a broken setup, not a reason to skip."""

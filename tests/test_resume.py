@@ -172,6 +172,7 @@ async def test_admin_broadcast(serve: Serve) -> None:
         assert (await recv_until(a, lambda f: True))[-1] == {"type": "pong"}
 
 
+@pytest.mark.slow
 async def test_slow_room_member_is_closed_without_slowing_the_room(serve: Serve) -> None:
     # Paced so that a healthy member keeps up even on a loaded machine, while the stuck
     # member fills its socket buffers, queue and overflow within a couple of seconds.
@@ -236,6 +237,7 @@ async def test_repeated_cancels_are_answered_with_the_same_terminal_frame(serve:
     assert seen["type"] == "done" and seen["finish_reason"] == "cancelled"
 
 
+@pytest.mark.slow
 async def test_a_broadcast_to_a_client_whose_queue_is_full_waits_instead_of_closing_it(serve: Serve) -> None:
     server = serve(backend="synthetic", synthetic_tokens_per_s=0, send_queue_size=4, max_tokens=100000)
     async with connected(server, mint("pia")) as ws, httpx.AsyncClient(base_url=server.http) as http:

@@ -246,6 +246,7 @@ async def test_server_pings_while_waiting_for_the_first_token_and_pong_is_answer
         await recv_until(ws, lambda f: f["type"] == "pong")
 
 
+@pytest.mark.slow
 async def test_stale_client_is_closed_4000_and_its_generation_cancelled(serve: Serve) -> None:
     """The client's TCP connection stays open but it never reads nor answers."""
     server = serve(backend=TICKING, heartbeat_interval_s=0.2, heartbeat_timeout_s=0.8)
@@ -268,6 +269,7 @@ async def test_stale_client_is_closed_4000_and_its_generation_cancelled(serve: S
         client.close()
 
 
+@pytest.mark.slow
 async def test_protocol_level_pongs_count_as_sign_of_life(serve: Serve) -> None:
     """A terminal client like wscat answers protocol pings but sends no app frames."""
     server = serve(heartbeat_interval_s=0.2, heartbeat_timeout_s=0.8, ws_ping_interval_s=0.2, ws_ping_timeout_s=5)
@@ -327,6 +329,7 @@ async def test_server_full_closes_1013_and_per_user_limit(serve: Serve) -> None:
             assert info.value.rcvd.reason == "server full"
 
 
+@pytest.mark.slow
 async def test_expired_token_ends_the_connection_with_1008(serve: Serve) -> None:
     server = serve(backend=TICKING, jwt_leeway_s=0)
     async with connected(server, mint(ttl=1.5)) as ws:
@@ -340,6 +343,7 @@ async def test_expired_token_ends_the_connection_with_1008(serve: Serve) -> None
     await wait_for(lambda: server.metric("gateway_active_generations") == 0)
 
 
+@pytest.mark.slow
 async def test_expired_token_frames(serve: Serve) -> None:
     async with connected(serve(backend=TICKING, jwt_leeway_s=0), mint(ttl=1.5)) as ws:
         await ws.send(json.dumps({"type": "generate", "id": "exp2", "prompt": "x", "max_tokens": 4000}))
