@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -8,8 +9,12 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from config import Settings
+from tests.support import Serve, ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = "shout"
@@ -18,6 +23,31 @@ EXAMPLE_PLUGIN = "shout"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Starts gateways in threads (``serve(settings)`` or ``serve(**overrides)``), each
+    stopped when the test ends."""
+    with contextlib.ExitStack() as servers:
+
+        def start(settings: Settings | None = None, /, **overrides: Any) -> ServerThread:
+            if settings is not None and overrides:
+                raise TypeError("serve() takes settings or overrides of make_settings, not both")
+            return servers.enter_context(ServerThread(settings if settings is not None else make_settings(**overrides)))
+
+        yield start
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Building the tiny model (torch, transformers, a trained tokenizer) takes seconds: a
+    test that needs it is slow, whether it asks for ``tiny_model_dir`` or runs the
+    transformers backend (the backend conformance suite fetches the model by name)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()) or "transformers" in params:
+            item.add_marker(pytest.mark.slow)
 
 
 def _missing(what: str) -> None:

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from websockets.asyncio.client import ClientConnection, connect
@@ -119,6 +120,13 @@ class ServerThread:
         return metric_value(self.app.state.hub.metrics.render().decode(), name)
 
 
+class Serve(Protocol):
+    """The ``serve`` fixture: starts a :class:`ServerThread` for ``settings``, or for
+    ``make_settings(**overrides)``, and stops it when the test ends."""
+
+    def __call__(self, settings: Settings | None = None, /, **overrides: Any) -> ServerThread: ...
+
+
 def metric_value(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -127,12 +135,28 @@ def metric_value(text: str, name: str) -> float:
 
 
 @contextlib.asynccontextmanager
-async def ws_connect(url: str, token: str | None = None, **kwargs: Any) -> Any:
+async def ws_connect(url: str, token: str | None = None, **kwargs: Any) -> AsyncIterator[ClientConnection]:
     headers = kwargs.pop("additional_headers", {}) or {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     # A generous handshake timeout: these machines are shared and other suites may be running.
     async with connect(url, additional_headers=headers, open_timeout=15, ping_interval=None, **kwargs) as ws:
+        yield ws
+
+
+class Connected(ClientConnection):
+    """A client connection that has received its hello frame, kept as ``hello``."""
+
+    hello: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def connected(server: ServerThread | ServerProcess, token: str | None = None,
+                    **kwargs: Any) -> AsyncIterator[Connected]:
+    """Connects to ``server`` as :func:`ws_connect` does and receives the hello frame."""
+    async with ws_connect(server.url, token, create_connection=Connected, **kwargs) as ws:
+        assert isinstance(ws, Connected)
+        ws.hello = await recv_json(ws)
         yield ws
 
 
@@ -147,12 +171,15 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
     return data
 
 
-async def recv_until(ws: ClientConnection, predicate: Any, timeout: float = 10.0,
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+async def recv_until(ws: ClientConnection, predicate: Predicate, timeout: float = 10.0,
                      skip_pings: bool = True) -> list[dict[str, Any]]:
     """Receive frames until one satisfies ``predicate``; return them all (that one last)."""
     import anyio
 
-    frames = []
+    frames: list[dict[str, Any]] = []
     with anyio.fail_after(timeout):
         while True:
             frame = await recv_json(ws, timeout)
@@ -163,7 +190,7 @@ async def recv_until(ws: ClientConnection, predicate: Any, timeout: float = 10.0
                 return frames
 
 
-def terminal_for(stream_id: str) -> Any:
+def terminal_for(stream_id: str) -> Predicate:
     return lambda f: f.get("id") == stream_id and f.get("type") in ("done", "error")
 
 

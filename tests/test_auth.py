@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from config import Settings
 from gateway.auth import JWTAuthenticator, extract_credentials, origin_allowed
 from gateway.wire.errors import AuthError
-from tests.support import SECRET, ServerThread, make_settings, mint, recv_json, ws_connect
+from tests.support import SECRET, Serve, connected, make_settings, mint, recv_json, ws_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +60,7 @@ def bad_tokens(key: rsa.RSAPrivateKey) -> dict[str, tuple[str, str]]:
     }
 
 
-def strict_settings(**overrides: Any) -> Any:
+def strict_settings(**overrides: Any) -> Settings:
     return make_settings(jwt_audience="gw", jwt_issuer="issuer", jwt_leeway_s=5, **overrides)
 
 
@@ -100,42 +101,39 @@ async def test_leeway_accepts_a_token_that_just_expired() -> None:
     assert (await auth.verify(mint(ttl=-10))).user == "alice"
 
 
-async def test_handshake_rejections_are_http_403_without_upgrade(rsa_key: rsa.RSAPrivateKey) -> None:
-    with ServerThread(strict_settings()) as server:
-        for name, (token, reason) in bad_tokens(rsa_key).items():
-            with pytest.raises(InvalidStatus) as info:
-                async with ws_connect(server.url, token):
-                    pass
-            assert info.value.response.status_code == 403, name
-            body = json.loads(info.value.response.body or b"{}")
-            assert body["error"] == "unauthorized" and token not in json.dumps(body)
-            assert server.metric(f'gateway_auth_failures_total{{reason="{reason}"}}') >= 1, name
-        assert server.metric('gateway_auth_failures_total{reason="expired"}') == 1
-        async with ws_connect(server.url, good_token()) as ws:
-            assert (await recv_json(ws))["user"] == "alice"
+async def test_handshake_rejections_are_http_403_without_upgrade(rsa_key: rsa.RSAPrivateKey, serve: Serve) -> None:
+    server = serve(strict_settings())
+    for name, (token, reason) in bad_tokens(rsa_key).items():
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_connect(server.url, token):
+                pass
+        assert info.value.response.status_code == 403, name
+        body = json.loads(info.value.response.body or b"{}")
+        assert body["error"] == "unauthorized" and token not in json.dumps(body)
+        assert server.metric(f'gateway_auth_failures_total{{reason="{reason}"}}') >= 1, name
+    assert server.metric('gateway_auth_failures_total{reason="expired"}') == 1
+    async with connected(server, good_token()) as ws:
+        assert ws.hello["user"] == "alice"
 
 
-async def test_subprotocol_auth_selects_gateway_v1_and_never_echoes_the_token() -> None:
+async def test_subprotocol_auth_selects_gateway_v1_and_never_echoes_the_token(serve: Serve) -> None:
     token = mint("bella")
-    with ServerThread(make_settings()) as server:
-        async with ws_connect(server.url, subprotocols=["gateway.v1", f"bearer.{token}"]) as ws:  # type: ignore[list-item]
-            assert ws.subprotocol == "gateway.v1"
-            assert ws.response is not None
-            assert token not in str(ws.response.headers)
-            assert (await recv_json(ws))["user"] == "bella"
+    async with connected(serve(), subprotocols=["gateway.v1", f"bearer.{token}"]) as ws:
+        assert ws.subprotocol == "gateway.v1"
+        assert ws.response is not None
+        assert token not in str(ws.response.headers)
+        assert ws.hello["user"] == "bella"
 
 
-async def test_query_parameter_auth() -> None:
-    with ServerThread(make_settings()) as server:
-        async with ws_connect(f"{server.url}?token={mint('quinn')}") as ws:
-            assert (await recv_json(ws))["user"] == "quinn"
+async def test_query_parameter_auth(serve: Serve) -> None:
+    async with ws_connect(f"{serve().url}?token={mint('quinn')}") as ws:
+        assert (await recv_json(ws))["user"] == "quinn"
 
 
-async def test_first_message_auth() -> None:
-    with ServerThread(make_settings()) as server:
-        async with ws_connect(server.url) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": mint("fiona")}))
-            assert (await recv_json(ws))["user"] == "fiona"
+async def test_first_message_auth(serve: Serve) -> None:
+    async with ws_connect(serve().url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": mint("fiona")}))
+        assert (await recv_json(ws))["user"] == "fiona"
 
 
 @pytest.mark.parametrize("first", [
@@ -143,37 +141,35 @@ async def test_first_message_auth() -> None:
     json.dumps({"type": "generate", "prompt": "hi"}),
     "hello",
 ])
-async def test_a_rejected_first_message_closes_1008(first: str) -> None:
-    with ServerThread(make_settings()) as server:
-        async with ws_connect(server.url) as ws:
-            await ws.send(first)
-            with pytest.raises(ConnectionClosed) as info:
-                await recv_json(ws)
+async def test_a_rejected_first_message_closes_1008(first: str, serve: Serve) -> None:
+    async with ws_connect(serve().url) as ws:
+        await ws.send(first)
+        with pytest.raises(ConnectionClosed) as info:
+            await recv_json(ws)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert "garbage" not in info.value.rcvd.reason
 
 
-async def test_no_credentials_and_no_auth_message_times_out_with_1008() -> None:
-    with ServerThread(make_settings(auth_timeout_s=0.3)) as server:
-        async with ws_connect(server.url) as ws:
-            started = time.monotonic()
-            with pytest.raises(ConnectionClosed) as info:
-                await recv_json(ws, timeout=3)
-            assert time.monotonic() - started < 2
+async def test_no_credentials_and_no_auth_message_times_out_with_1008(serve: Serve) -> None:
+    async with ws_connect(serve(auth_timeout_s=0.3).url) as ws:
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as info:
+            await recv_json(ws, timeout=3)
+        assert time.monotonic() - started < 2
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert info.value.rcvd.reason == "authentication timeout"
 
 
-async def test_origin_allowlist() -> None:
-    with ServerThread(make_settings(allowed_origins=["https://app.example"])) as server:
-        with pytest.raises(InvalidStatus) as info:
-            async with ws_connect(server.url, mint(), origin="https://evil.example"):  # type: ignore[arg-type]
-                pass
-        assert info.value.response.status_code == 403
-        async with ws_connect(server.url, mint(), origin="https://app.example") as ws:  # type: ignore[arg-type]
-            assert (await recv_json(ws))["type"] == "hello"
-        async with ws_connect(server.url, mint()) as ws:  # no Origin header: not a browser
-            assert (await recv_json(ws))["type"] == "hello"
+async def test_origin_allowlist(serve: Serve) -> None:
+    server = serve(allowed_origins=["https://app.example"])
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(server.url, mint(), origin="https://evil.example"):
+            pass
+    assert info.value.response.status_code == 403
+    async with connected(server, mint(), origin="https://app.example") as ws:
+        assert ws.hello["type"] == "hello"
+    async with connected(server, mint()) as ws:  # no Origin header: not a browser
+        assert ws.hello["type"] == "hello"
 
 
 def test_origin_allowed_rules() -> None:
@@ -194,10 +190,9 @@ def test_credential_precedence_and_subprotocol_selection() -> None:
     assert extract_credentials({}, ["bearer.S"], b"").subprotocol is None
 
 
-async def test_auth_none_serves_anonymous() -> None:
-    with ServerThread(make_settings(auth="none", jwt_secret=None)) as server:
-        async with ws_connect(server.url) as ws:
-            assert (await recv_json(ws))["user"] == "anonymous"
+async def test_auth_none_serves_anonymous(serve: Serve) -> None:
+    async with connected(serve(auth="none", jwt_secret=None)) as ws:
+        assert ws.hello["user"] == "anonymous"
 
 
 def test_production_without_a_key_refuses_to_start() -> None:
@@ -245,25 +240,23 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[str]:
         httpd.server_close()
 
 
-async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str) -> None:
-    settings = make_settings(jwt_secret=None, jwt_jwks_url=jwks_server, jwt_algorithms=["RS256"])
+async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str, serve: Serve) -> None:
+    server = serve(jwt_secret=None, jwt_jwks_url=jwks_server, jwt_algorithms=["RS256"])
     payload = {"sub": "jay", "exp": int(time.time()) + 600}
-    with ServerThread(settings) as server:
-        async with ws_connect(server.url, jwt.encode(payload, rsa_key, algorithm="RS256",
-                                                     headers={"kid": "k1"})) as ws:
-            assert (await recv_json(ws))["user"] == "jay"
-        other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        with pytest.raises(InvalidStatus) as info:
+    async with connected(server, jwt.encode(payload, rsa_key, algorithm="RS256", headers={"kid": "k1"})) as ws:
+        assert ws.hello["user"] == "jay"
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
+                                                     headers={"kid": "unknown"})):
+            pass
+    assert info.value.response.status_code == 403
+    assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
+    # Made-up key ids do not make the gateway refetch the key set each time.
+    hits = len(JWKS_HITS)
+    for attempt in range(5):
+        with pytest.raises(InvalidStatus):
             async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
-                                                         headers={"kid": "unknown"})):
+                                                         headers={"kid": f"made-up-{attempt}"})):
                 pass
-        assert info.value.response.status_code == 403
-        assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
-        # Made-up key ids do not make the gateway refetch the key set each time.
-        hits = len(JWKS_HITS)
-        for attempt in range(5):
-            with pytest.raises(InvalidStatus):
-                async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
-                                                             headers={"kid": f"made-up-{attempt}"})):
-                    pass
-        assert len(JWKS_HITS) == hits
+    assert len(JWKS_HITS) == hits

@@ -139,6 +139,7 @@ async def test_resumable_lists_the_users_streams(parts: Any) -> None:
     assert [m.id for m in await store.resumable("u1")] == ["x1", "x2"]
 
 
+@pytest.mark.slow
 async def test_streams_expire_after_the_ttl_from_the_last_write() -> None:
     for kind in ("memory", "redis"):
         store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1))
@@ -200,6 +201,7 @@ async def test_redis_slots_of_a_dead_process_come_back() -> None:
         await context_b.aclose()
 
 
+@pytest.mark.slow
 async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
     require_redis()
     settings = settings_for(node_ttl_s=0.5)

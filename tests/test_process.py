@@ -17,6 +17,7 @@ from tests.support import (
     SECRET,
     RawClient,
     ServerProcess,
+    connected,
     metric_value,
     mint,
     recv_json,
@@ -46,8 +47,8 @@ async def test_dev_mode_logs_a_working_token_and_wscat_command() -> None:
     with ServerProcess({"GATEWAY_WS_PING_INTERVAL_S": "0"}) as server:
         token = next(line.split(": ", 1)[1].strip() for line in server.lines if "development token" in line)
         assert any("wscat -c ws://" in line for line in server.lines)
-        async with ws_connect(server.url, token) as ws:
-            assert (await recv_json(ws))["user"] == "dev"
+        async with connected(server, token) as ws:
+            assert ws.hello["user"] == "dev"
 
 
 def test_production_without_a_key_exits_with_a_reason() -> None:
@@ -88,14 +89,13 @@ async def test_credentials_never_reach_the_log_even_at_debug() -> None:
     env = {**BASE_ENV, "GATEWAY_LOG_LEVEL": "debug", "GATEWAY_ACCESS_LOG": "true"}
     header_token, query_token, proto_token = mint("h"), mint("q"), mint("p")
     with ServerProcess(env) as server:
-        async with ws_connect(server.url, header_token) as ws:
-            await recv_json(ws)
+        async with connected(server, header_token) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "r", "prompt": "my private prompt"}))
             await recv_until(ws, terminal_for("r"))
         async with ws_connect(f"{server.url}?token={query_token}") as ws:
             await recv_json(ws)
-        async with ws_connect(server.url, subprotocols=["gateway.v1", f"bearer.{proto_token}"]) as ws:  # type: ignore[list-item]
-            await recv_json(ws)
+        async with connected(server, subprotocols=["gateway.v1", f"bearer.{proto_token}"]):
+            pass
         async with httpx.AsyncClient(base_url=server.http) as http:
             await http.get(f"/healthz?token={query_token}")
         server.terminate()
@@ -113,8 +113,7 @@ async def test_sigterm_drains_running_generations_then_closes_1001() -> None:
     env = {**BASE_ENV, "GATEWAY_BACKEND": "synthetic", "GATEWAY_SYNTHETIC_TTFT_MS": "0",
            "GATEWAY_SYNTHETIC_TOKENS_PER_S": "40", "GATEWAY_DRAIN_TIMEOUT_S": "20"}
     with ServerProcess(env) as server:
-        async with ws_connect(server.url, mint()) as ws, httpx.AsyncClient(base_url=server.http) as http:
-            await recv_json(ws)
+        async with connected(server, mint()) as ws, httpx.AsyncClient(base_url=server.http) as http:
             await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": "p", "max_tokens": 60}))
             frames = await recv_until(ws, lambda f: f["type"] == "token")
             server.terminate()
@@ -142,8 +141,7 @@ async def test_sigterm_ends_generations_that_outlast_the_drain_with_shutting_dow
     env = {**BASE_ENV, "GATEWAY_BACKEND": "synthetic", "GATEWAY_SYNTHETIC_TTFT_MS": "0",
            "GATEWAY_SYNTHETIC_TOKENS_PER_S": "20", "GATEWAY_DRAIN_TIMEOUT_S": "0.5"}
     with ServerProcess(env) as server:
-        async with ws_connect(server.url, mint()) as ws:
-            await recv_json(ws)
+        async with connected(server, mint()) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": "p", "max_tokens": 2000}))
             await recv_until(ws, lambda f: f["type"] == "token")
             started = time.monotonic()
@@ -162,8 +160,7 @@ async def test_a_client_that_never_reads_leaves_memory_bounded_while_others_stre
            "GATEWAY_SYNTHETIC_TOKENS_PER_S": "0", "GATEWAY_MAX_TOKENS": "5000000",
            "GATEWAY_SLOW_CONSUMER_TIMEOUT_S": "4"}
     with ServerProcess(env) as server:
-        async with ws_connect(server.url, mint("reader")) as ws:
-            await recv_json(ws)
+        async with connected(server, mint("reader")) as ws:
             baseline = server.rss_kb()
             stuck = RawClient(server.port, mint("stuck"), recv_buffer=4096)
             try:

@@ -112,8 +112,9 @@ def test_encoders_produce_the_documented_frames() -> None:
 
 def test_coalesce_merges_waiting_tokens_per_stream() -> None:
     a, b = StreamRef.of("a"), StreamRef.of("b")
-    items = [Frame(a, encode_start("a")), Token(a, 0, "x"), Token(b, 0, "1"), Token(a, 1, "y"),
-             Token(b, 1, "2"), Frame(a, encode_done("a", "stop", 0, 2)), Token(a, 2, "late?")]
+    items: list[Frame | Token] = [
+        Frame(a, encode_start("a")), Token(a, 0, "x"), Token(b, 0, "1"), Token(a, 1, "y"),
+        Token(b, 1, "2"), Frame(a, encode_done("a", "stop", 0, 2)), Token(a, 2, "late?")]
     result = coalesce(items)
     frames = [json.loads(f) for f in result.frames]
     assert frames[0]["type"] == "start"

@@ -20,15 +20,13 @@ import pytest
 from tests.conftest import require_modules, require_program
 from tests.support import (
     SECRET,
+    Serve,
     ServerProcess,
-    ServerThread,
-    make_settings,
+    connected,
     mint,
-    recv_json,
     recv_until,
     stream_text,
     terminal_for,
-    ws_connect,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -124,8 +122,7 @@ async def test_streams_end_to_end_from_environment_settings(served: Served, tiny
     with ServerProcess(env) as gateway:
         async with httpx.AsyncClient() as client:
             assert (await client.get(gateway.http + "/readyz")).status_code == 200
-        async with ws_connect(gateway.url, mint()) as ws:
-            await recv_json(ws)
+        async with connected(gateway, mint()) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "real", "messages": messages, "max_tokens": 24}))
             frames = await recv_until(ws, terminal_for("real"), timeout=60)
     tokens = [f for f in frames if f["type"] == "token"]
@@ -138,20 +135,18 @@ async def test_streams_end_to_end_from_environment_settings(served: Served, tiny
     assert stream_text(frames, "real") == expected
 
 
-async def test_cancel_through_the_gateway_ends_generation_on_the_server(served: Served) -> None:
-    settings = make_settings(backend="openai", openai_base_url=served.base_url, upstream_first_token_timeout_s=30)
-    with ServerThread(settings) as gateway:
-        async with ws_connect(gateway.url, mint()) as ws:
-            await recv_json(ws)
-            await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": "go on", "max_tokens": 4000}))
-            await recv_until(ws, lambda f: f.get("type") == "token", timeout=60)
-            busy = await served.cpu_rate()
-            assert busy > 0.2, f"the server should be generating (cpu {busy:.2f})"
-            await ws.send(json.dumps({"type": "cancel", "id": "long"}))
-            frames = await recv_until(ws, terminal_for("long"))
-            assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "cancelled"
-            with anyio.fail_after(10):
-                while (rate := await served.cpu_rate()) > 0.1:
-                    pass
+async def test_cancel_through_the_gateway_ends_generation_on_the_server(served: Served, serve: Serve) -> None:
+    gateway = serve(backend="openai", openai_base_url=served.base_url, upstream_first_token_timeout_s=30)
+    async with connected(gateway, mint()) as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "long", "prompt": "go on", "max_tokens": 4000}))
+        await recv_until(ws, lambda f: f.get("type") == "token", timeout=60)
+        busy = await served.cpu_rate()
+        assert busy > 0.2, f"the server should be generating (cpu {busy:.2f})"
+        await ws.send(json.dumps({"type": "cancel", "id": "long"}))
+        frames = await recv_until(ws, terminal_for("long"))
+        assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "cancelled"
+        with anyio.fail_after(10):
+            while (rate := await served.cpu_rate()) > 0.1:
+                pass
     assert rate <= 0.1
     assert frames[-1]["usage"]["completion_tokens"] < 4000

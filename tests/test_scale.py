@@ -26,6 +26,7 @@ from tests.support import (
     SECRET,
     ServerProcess,
     ServerThread,
+    connected,
     make_settings,
     metric_value,
     mint,
@@ -79,14 +80,12 @@ def _redis() -> None:
 
 async def test_drop_on_one_process_resume_on_another() -> None:
     with two_gateways(cluster_env()) as (a, b):
-        async with ws_connect(a.url, mint("ann")) as ws:
-            await recv_json(ws)
+        async with connected(a, mint("ann")) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "x", "prompt": "story", "max_tokens": 400}))
             first = await recv_until(ws, lambda f: f["type"] == "token" and f["seq"] >= 50)
         after = max(f["seq"] for f in first if f["type"] == "token")
-        async with ws_connect(b.url, mint("ann")) as ws:
-            hello = await recv_json(ws)
-            assert any(r["id"] == "x" for r in hello["resumable"])
+        async with connected(b, mint("ann")) as ws:
+            assert any(r["id"] == "x" for r in ws.hello["resumable"])
             await ws.send(json.dumps({"type": "resume", "id": "x", "after": after}))
             rest = await recv_until(ws, terminal_for("x"), timeout=20)
     assert rest[0]["resumed"] is True and rest[0]["epoch"] == first[0]["epoch"]
@@ -96,9 +95,7 @@ async def test_drop_on_one_process_resume_on_another() -> None:
 
 async def test_cancel_on_one_process_stops_the_generation_on_another() -> None:
     with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
-        async with ws_connect(a.url, mint("bo")) as on_a, ws_connect(b.url, mint("bo")) as on_b:
-            await recv_json(on_a)
-            await recv_json(on_b)
+        async with connected(a, mint("bo")) as on_a, connected(b, mint("bo")) as on_b:
             await on_a.send(json.dumps({"type": "generate", "id": "long", "prompt": "p", "max_tokens": 4000}))
             await recv_until(on_a, lambda f: f["type"] == "token")
             assert await metric(a, "gateway_active_generations") == 1
@@ -111,11 +108,8 @@ async def test_cancel_on_one_process_stops_the_generation_on_another() -> None:
 
 async def test_broadcast_and_rooms_span_processes() -> None:
     with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="0")) as (a, b):
-        async with ws_connect(a.url, mint("cy", rooms="*")) as on_a, \
-                ws_connect(b.url, mint("di", rooms=["team"])) as on_b, \
+        async with connected(a, mint("cy", rooms="*")) as on_a, connected(b, mint("di", rooms=["team"])) as on_b, \
                 httpx.AsyncClient(base_url=b.http) as http:
-            await recv_json(on_a)
-            await recv_json(on_b)
             admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
             assert (await http.post("/admin/broadcast", json={"data": "hi all"}, headers=admin)).status_code == 202
             for ws in (on_a, on_b):
@@ -139,22 +133,19 @@ async def test_per_user_limits_hold_across_processes() -> None:
     env = cluster_env(GATEWAY_MAX_CONNECTIONS_PER_USER="1", GATEWAY_USER_GENERATE_RATE_PER_S="0.1",
                       GATEWAY_USER_GENERATE_BURST="2")
     with two_gateways(env) as (a, b):
-        async with ws_connect(a.url, mint("ed")) as on_a:
-            await recv_json(on_a)
+        async with connected(a, mint("ed")) as on_a:
             async with ws_connect(b.url, mint("ed")) as on_b:
                 with pytest.raises(ConnectionClosed) as info:
                     await recv_json(on_b)
                 assert info.value.rcvd is not None and info.value.rcvd.code == 1013
-            async with ws_connect(b.url, mint("fi")) as other:
-                await recv_json(other)
+            async with connected(b, mint("fi")) as other:
                 for i in range(2):
                     await on_a.send(json.dumps({"type": "generate", "id": f"a{i}", "prompt": "x", "max_tokens": 1}))
                     await recv_until(on_a, terminal_for(f"a{i}"))
                 await other.send(json.dumps({"type": "generate", "id": "f", "prompt": "x", "max_tokens": 1}))
                 assert (await recv_until(other, terminal_for("f")))[-1]["type"] == "done"
         # ed's burst was spent on A; B refuses him too.
-        async with ws_connect(b.url, mint("ed")) as on_b:
-            await recv_json(on_b)
+        async with connected(b, mint("ed")) as on_b:
             await on_b.send(json.dumps({"type": "generate", "id": "b", "prompt": "x", "max_tokens": 1}))
             error = (await recv_until(on_b, lambda f: f["type"] == "error"))[-1]
             assert error["code"] == "rate_limited" and error["retry_after_s"] > 0
@@ -162,12 +153,10 @@ async def test_per_user_limits_hold_across_processes() -> None:
 
 async def test_a_follower_learns_when_the_producing_process_dies() -> None:
     with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
-        async with ws_connect(a.url, mint("gil")) as ws:
-            await recv_json(ws)
+        async with connected(a, mint("gil")) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "doomed", "prompt": "p", "max_tokens": 4000}))
             first = await recv_until(ws, lambda f: f["type"] == "token")
-        async with ws_connect(b.url, mint("gil")) as ws:
-            await recv_json(ws)
+        async with connected(b, mint("gil")) as ws:
             await ws.send(json.dumps({"type": "resume", "id": "doomed", "after": first[-1]["seq"]}))
             await recv_until(ws, lambda f: f["type"] == "token")
             assert a.proc is not None
@@ -184,8 +173,7 @@ async def test_redis_restart(tmp_path: Path) -> None:
     try:
         env = cluster_env(redis_server.url, GATEWAY_SYNTHETIC_TOKENS_PER_S="100")
         with two_gateways(env) as (a, b):
-            async with ws_connect(a.url, mint("hu")) as ws, httpx.AsyncClient() as http:
-                await recv_json(ws)
+            async with connected(a, mint("hu")) as ws, httpx.AsyncClient() as http:
                 await ws.send(json.dumps({"type": "generate", "id": "local", "prompt": "p", "max_tokens": 600}))
                 frames = await recv_until(ws, lambda f: f["type"] == "token")
                 redis_server.stop()
@@ -204,10 +192,8 @@ async def test_redis_restart(tmp_path: Path) -> None:
                         await anyio.sleep(0.1)
             # Cross-process features work again: resume on B, cancel from B, broadcast to both.
             await _resume_across(a, b)
-            async with ws_connect(a.url, mint("kai")) as on_a, ws_connect(b.url, mint("kai")) as on_b, \
+            async with connected(a, mint("kai")) as on_a, connected(b, mint("kai")) as on_b, \
                     httpx.AsyncClient(base_url=a.http) as http:
-                await recv_json(on_a)
-                await recv_json(on_b)
                 admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
                 # Listeners resubscribe with backoff: broadcast until both sockets have one.
                 reached: set[int] = set()
@@ -222,9 +208,7 @@ async def test_redis_restart(tmp_path: Path) -> None:
                                 frame = (await recv_until(ws, lambda f: f["type"] == "broadcast"))[-1]
                                 assert frame["data"] == "back"
                                 reached.add(index)
-            async with ws_connect(a.url, mint("hu")) as on_a, ws_connect(b.url, mint("hu")) as on_b:
-                await recv_json(on_a)
-                await recv_json(on_b)
+            async with connected(a, mint("hu")) as on_a, connected(b, mint("hu")) as on_b:
                 await on_a.send(json.dumps({"type": "generate", "id": "c", "prompt": "p", "max_tokens": 4000}))
                 await recv_until(on_a, lambda f: f["type"] == "token")
                 # The listeners resubscribe with backoff: retry the cancel until it lands.
@@ -240,12 +224,10 @@ async def test_redis_restart(tmp_path: Path) -> None:
 
 
 async def _resume_across(a: ServerProcess, b: ServerProcess) -> None:
-    async with ws_connect(a.url, mint("iv")) as ws:
-        await recv_json(ws)
+    async with connected(a, mint("iv")) as ws:
         await ws.send(json.dumps({"type": "generate", "id": "after-restart", "prompt": "q", "max_tokens": 200}))
         first = await recv_until(ws, lambda f: f["type"] == "token" and f["seq"] >= 20)
-    async with ws_connect(b.url, mint("iv")) as ws:
-        await recv_json(ws)
+    async with connected(b, mint("iv")) as ws:
         await ws.send(json.dumps({"type": "resume", "id": "after-restart", "after": first[-1]["seq"]}))
         rest = await recv_until(ws, terminal_for("after-restart"), timeout=20)
     assert stream_text(first, "after-restart") + stream_text(rest, "after-restart") == "".join(
@@ -279,8 +261,7 @@ async def test_workers_share_one_port_and_resume_across_them() -> None:
     env = cluster_env()
     with ServerProcess(env, args=("--workers", "2")) as server:
         for round_ in range(3):
-            async with ws_connect(server.url, mint("jan")) as ws:
-                await recv_json(ws)
+            async with connected(server, mint("jan")) as ws:
                 await ws.send(json.dumps({"type": "generate", "id": f"w{round_}", "prompt": "w", "max_tokens": 50}))
                 frames = await recv_until(ws, terminal_for(f"w{round_}"))
                 assert stream_text(frames, f"w{round_}") == "".join(synthetic_tokens("w", 50))
@@ -288,38 +269,27 @@ async def test_workers_share_one_port_and_resume_across_them() -> None:
         assert server.wait(30) == 0
 
 
+@pytest.fixture(scope="module")
+def server_pair() -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two gateways in threads sharing Redis, for every example of the property below."""
+    require_redis()
+    settings_ = make_settings(backend="synthetic", synthetic_tokens_per_s=400, redis_url=TEST_REDIS_URL,
+                              redis_prefix=unique_prefix(), resume_grace_s=10, user_generate_rate_per_s=100,
+                              user_generate_burst=100)
+    with ServerThread(settings_) as first, ServerThread(settings_) as second:
+        yield first, second
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(drops=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=4),
        hops=st.lists(st.booleans(), min_size=4, max_size=4))
-def test_random_drops_and_resumes_lose_and_duplicate_nothing(drops: list[int], hops: list[bool]) -> None:
+def test_random_drops_and_resumes_lose_and_duplicate_nothing(server_pair: tuple[ServerThread, ServerThread],
+                                                             drops: list[int], hops: list[bool]) -> None:
     """Drop the socket after a random number of frames, resume on a random process, repeat."""
-    anyio.run(_drops_and_resumes, sorted(set(drops)), hops)
+    anyio.run(_drops_and_resumes, server_pair, sorted(set(drops)), hops)
 
 
-_SERVERS: dict[str, Any] = {}
-
-
-def _shared_servers() -> tuple[ServerThread, ServerThread]:
-    if "pair" not in _SERVERS:
-        settings_ = make_settings(backend="synthetic", synthetic_tokens_per_s=400, redis_url=TEST_REDIS_URL,
-                                  redis_prefix=unique_prefix(), resume_grace_s=10, user_generate_rate_per_s=100,
-                                  user_generate_burst=100)
-        first = ServerThread(settings_).__enter__()
-        second = ServerThread(settings_).__enter__()
-        _SERVERS["pair"] = (first, second)
-    pair: tuple[ServerThread, ServerThread] = _SERVERS["pair"]
-    return pair
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_shared_servers() -> Iterator[None]:
-    yield
-    for server in _SERVERS.pop("pair", ()):
-        server.__exit__(None, None, None)
-
-
-async def _drops_and_resumes(drops: list[int], hops: list[bool]) -> None:
-    servers = _shared_servers()
+async def _drops_and_resumes(servers: tuple[ServerThread, ServerThread], drops: list[int], hops: list[bool]) -> None:
     stream_id = f"h-{time.monotonic_ns()}"
     total = 300
     received: list[dict[str, Any]] = []
@@ -327,8 +297,7 @@ async def _drops_and_resumes(drops: list[int], hops: list[bool]) -> None:
     server_index = 0
     for step, drop_after in enumerate([*drops, None]):
         server = servers[server_index]
-        async with ws_connect(server.url, mint("hyp")) as ws:
-            await recv_json(ws)
+        async with connected(server, mint("hyp")) as ws:
             if step == 0:
                 await ws.send(json.dumps({"type": "generate", "id": stream_id, "prompt": "h", "max_tokens": total}))
             else:
