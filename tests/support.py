@@ -55,7 +55,7 @@ def make_settings(**overrides: Any) -> Settings:
         values["backend_settings"] = _backend_fields(values.get("backend", fields["backend"].default), named) or None
     elif named:
         raise TypeError(f"make_settings: {', '.join(named)}: not Settings fields, and backend_settings is given")
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 def _backend_fields(backend: str, named: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -39,9 +39,9 @@ API_KEY = "sk-test-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 
 
 @pytest.fixture
-def upstream() -> AsyncIterator[FakeUpstream]:
+def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream() as fake:
-        yield fake  # type: ignore[misc]
+        yield fake
 
 
 def settings_for(upstream: FakeUpstream, **overrides: Any) -> Any:

@@ -46,7 +46,7 @@ def test_plugin_settings_come_from_its_own_variables(example_plugin: str, monkey
     assert model.__name__ == "ShoutSettings"
     assert make_settings(backend=example_plugin).backend_settings_as(model).delay_ms == 10
     monkeypatch.setenv("GATEWAY_SHOUT_DELAY_MS", "250")
-    settings = Settings(_env_file=None, backend=example_plugin)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, backend=example_plugin)
     assert settings.backend_settings_as(model).delay_ms == 250
     backend = load_backend(settings)
     assert backend.delay_s == 0.25  # type: ignore[attr-defined]
@@ -74,7 +74,7 @@ def test_a_settings_model_without_a_prefix_of_its_own_is_refused(monkeypatch: py
         settings_model = Unprefixed
 
     monkeypatch.setattr(plugin_backends, "Careless", Careless, raising=False)
-    settings = Settings(_env_file=None, backend="tests.plugin_backends:Careless")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, backend="tests.plugin_backends:Careless")
     assert settings.backend_settings is None
     with pytest.raises(BackendLoadError, match="Unprefixed must set an env_prefix of its own after GATEWAY_"):
         load_backend(settings)

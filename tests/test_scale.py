@@ -273,7 +273,7 @@ async def test_workers_share_one_port_and_resume_across_them() -> None:
 def server_pair() -> Iterator[tuple[ServerThread, ServerThread]]:
     """Two gateways in threads sharing Redis, for every example of the property below."""
     require_redis()
-    settings_ = make_settings(backend="synthetic", synthetic_tokens_per_s=400, redis_url=TEST_REDIS_URL,
+    settings_ = make_settings(backend="synthetic", synthetic_tokens_per_s=400, cluster_url=TEST_REDIS_URL,
                               redis_prefix=unique_prefix(), resume_grace_s=10, user_generate_rate_per_s=100,
                               user_generate_burst=100)
     with ServerThread(settings_) as first, ServerThread(settings_) as second:

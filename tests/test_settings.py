@@ -50,8 +50,8 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
 def test_env_example_values_are_the_defaults(tmp_path: Path, backend: str) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text((ROOT / ".env.example").read_text())
-    from_example = Settings(_env_file=str(env_file), backend=backend)  # type: ignore[call-arg]
-    defaults = Settings(_env_file=None, backend=backend)  # type: ignore[call-arg]
+    from_example = Settings(_env_file=str(env_file), backend=backend)
+    defaults = Settings(_env_file=None, backend=backend)
     assert from_example.model_dump() == defaults.model_dump()
     assert from_example.model_dump()["backend_settings"] == defaults.model_dump()["backend_settings"] != {}
 
@@ -62,8 +62,8 @@ def test_the_backend_model_reads_the_env_file_settings_read(tmp_path: Path, monk
     other.write_text("GATEWAY_BACKEND=synthetic\nGATEWAY_SYNTHETIC_TOKENS_PER_S=8\n")
     monkeypatch.chdir(tmp_path)
     assert Settings().backend_settings_as(SyntheticSettings).tokens_per_s == 7
-    assert Settings(_env_file=str(other)).backend_settings_as(SyntheticSettings).tokens_per_s == 8  # type: ignore[call-arg]
-    unread = Settings(_env_file=None, backend="synthetic")  # type: ignore[call-arg]
+    assert Settings(_env_file=str(other)).backend_settings_as(SyntheticSettings).tokens_per_s == 8
+    unread = Settings(_env_file=None, backend="synthetic")
     assert unread.backend_settings_as(SyntheticSettings).tokens_per_s == 50
 
 
@@ -71,7 +71,7 @@ def test_environment_and_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     monkeypatch.setenv("GATEWAY_JWT_ALGORITHMS", "RS256,ES256")
     monkeypatch.setenv("GATEWAY_MAX_CONNECTIONS", "7")
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.allowed_origins == ["https://a.example", "https://b.example"]
     assert settings.jwt_algorithms == ["RS256", "ES256"]
     assert settings.max_connections == 7
@@ -130,7 +130,7 @@ def test_backend_settings_come_from_their_own_prefix(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("GATEWAY_SYNTHETIC_TTFT_MS", "12")
     monkeypatch.setenv("GATEWAY_SYNTHETIC_TOKENS_PER_S", "34")
     monkeypatch.setenv("GATEWAY_ECHO_DELAY_MS", "56")  # another backend's: not read
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     own = settings.backend_settings_as(SyntheticSettings)
     assert (own.ttft_ms, own.tokens_per_s) == (12, 34)
     refused = r"reads EchoSettings, but the settings \(GATEWAY_BACKEND=synthetic\) carry SyntheticSettings"
@@ -141,40 +141,40 @@ def test_backend_settings_come_from_their_own_prefix(monkeypatch: pytest.MonkeyP
 def test_given_backend_settings_are_used_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_SYNTHETIC_TTFT_MS", "12")
     # A dict: its fields, over the environment.
-    settings = Settings(_env_file=None, backend="synthetic",  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, backend="synthetic",
                         backend_settings={"tokens_per_s": 3})
     assert settings.backend_settings == SyntheticSettings(_env_file=None, ttft_ms=12, tokens_per_s=3)
     # A model instance: as it is.
     given = SyntheticSettings(_env_file=None, ttft_ms=1)
-    assert Settings(_env_file=None, backend="synthetic", backend_settings=given).backend_settings is given  # type: ignore[call-arg]
+    assert Settings(_env_file=None, backend="synthetic", backend_settings=given).backend_settings is given
     # Another backend's model, or a value from the environment, is refused.
     with pytest.raises(ValidationError, match="backend 'echo' takes EchoSettings, or a dict of its fields, not Synth"):
-        Settings(_env_file=None, backend="echo", backend_settings=given)  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="echo", backend_settings=given)
     monkeypatch.setenv("GATEWAY_BACKEND_SETTINGS", '{"delay_ms": 1}')
     with pytest.raises(ValidationError, match="GATEWAY_ECHO_\\* variables"):
-        Settings(_env_file=None)  # type: ignore[call-arg]
+        Settings(_env_file=None)
 
 
 def test_a_backend_without_settings_has_none() -> None:
-    settings = Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend")
     assert settings.backend_settings is None
     with pytest.raises(TypeError, match="carry no backend settings"):
         settings.backend_settings_as(EchoSettings)
     with pytest.raises(ValidationError, match="has no settings model"):
-        Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend",  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="tests.plugin_backends:TickingBackend",
                  backend_settings={"delay_ms": 1})
 
 
 def test_an_unknown_backend_is_reported_when_it_loads() -> None:
     # gateway token and gateway chat need no backend: the settings are built whatever it is.
-    settings = Settings(_env_file=None, backend="no-such-backend")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, backend="no-such-backend")
     assert settings.backend_settings is None
     with pytest.raises(BackendLoadError, match="unknown backend 'no-such-backend'; known: echo, openai"):
         load_backend(settings)
 
 
 def test_secret_is_not_shown_in_repr() -> None:
-    settings = Settings(_env_file=None, jwt_secret="super-secret-value-0123456789abcdefghij")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, jwt_secret="super-secret-value-0123456789abcdefghij")
     assert "super-secret-value-0123456789abcdefghij" not in repr(settings)
     assert "super-secret-value-0123456789abcdefghij" not in str(settings.model_dump())
 
@@ -185,7 +185,7 @@ def test_openai_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("GATEWAY_OPENAI_API_KEY", "sk-very-secret-key-value")
     monkeypatch.setenv("GATEWAY_OPENAI_MODELS", "small, large")
     monkeypatch.setenv("GATEWAY_OPENAI_EXTRA_HEADERS", "X-Org=acme, X-Token=a=b")
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     openai = settings.backend_settings_as(OpenAISettings)
     assert openai.base_url == "http://127.0.0.1:8001/v1"
     assert openai.models == ["small", "large"]
@@ -197,7 +197,7 @@ def test_openai_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
 def test_a_refused_header_pair_does_not_show_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_OPENAI_EXTRA_HEADERS", "X-Ok=1,Bad Name=hunter2-secret")
     with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, backend="openai")  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="openai")
     assert [error["loc"] for error in caught.value.errors()] == [("openai_extra_headers",)]
     assert "hunter2-secret" not in str(caught.value)
 
@@ -229,6 +229,6 @@ def test_tracebacks_in_logs_are_redacted() -> None:
 
 def test_a_refused_proxy_url_does_not_show_its_credentials() -> None:
     with pytest.raises(ValidationError) as caught:
-        Settings(_env_file=None, backend="openai",  # type: ignore[call-arg]
+        Settings(_env_file=None, backend="openai",
                  backend_settings={"proxy": "socks5://user:hunter2-secret@proxy"})
     assert "hunter2-secret" not in str(caught.value)

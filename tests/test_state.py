@@ -31,12 +31,14 @@ def state_at(now: float = 0.0, *, token_expires_at: float | None = None, **overr
 
 def test_the_first_close_decision_wins_and_the_socket_closes_once() -> None:
     state = state_at()
-    assert state.phase is Phase.OPEN and not state.closing
+    phases = [(state.phase, state.closing)]
     assert state.decide_close(STALE) is True
     assert state.decide_close(SHUTTING_DOWN) is False
-    assert state.phase is Phase.CLOSING and state.decision is STALE and state.closing
+    assert state.decision is STALE
+    phases.append((state.phase, state.closing))
     state.socket_closed()
-    assert state.phase is Phase.CLOSED
+    phases.append((state.phase, state.closing))
+    assert phases == [(Phase.OPEN, False), (Phase.CLOSING, True), (Phase.CLOSED, True)]
     with pytest.raises(InvalidTransition, match="expected a connection that is open or closing, found closed"):
         state.socket_closed()
 

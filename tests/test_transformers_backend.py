@@ -76,7 +76,7 @@ def test_streamer_never_splits_a_character(tiny_model_dir: Path) -> None:
     assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
     pieces: list[str] = []
     streamer = _LoopStreamer(tokenizer, None, None, threading.Event())
-    streamer._emit = pieces.append  # type: ignore[method-assign]
+    streamer._emit = pieces.append  # type: ignore[method-assign,assignment]
     streamer.put(torch.tensor([[1, 2]]))  # generate() passes the prompt first
     for token_id in ids:
         streamer.put(torch.tensor([token_id]))
