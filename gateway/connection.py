@@ -154,9 +154,6 @@ class Connection:
             prefix = f"conn={self.session_id} user={self.user}" + (f" stream={stream}" if stream else "")
             logger.log(level, prefix + " " + message, *args)
 
-    async def send(self, item: OutItem) -> None:
-        await self.outbox.send(item)
-
     def send_urgent(self, item: OutItem) -> None:
         self.outbox.send_urgent(item)
 

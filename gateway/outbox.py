@@ -158,6 +158,8 @@ class OutboxOwner(Protocol):
 
     def socket_gone(self) -> None: ...
 
+    def follow_ended(self, follow: Any) -> None: ...
+
 
 class Outbox:
     """What one idle connection holds here is small on purpose: an empty list, and no task
@@ -234,7 +236,14 @@ class Outbox:
                 elif transport.send_texts([encode_item(item)]):
                     self._count_sent(1, 0, 0)
                     return
-        await self.send_queued(item)
+        # ``send_queued``, inline: this is the path of every token at full speed.
+        queue = self.queue
+        if not queue.put_nowait(item):
+            if self.liveness.queue_full(anyio.current_time()):
+                self.owner.slow_consumer_clock_started()
+            await queue.put(item)
+        if not self._writer_running:
+            self.start_writer()
 
     async def send_queued(self, item: OutItem) -> None:
         """Queue ``item`` for the writer (never written directly), waiting while full."""
@@ -263,6 +272,11 @@ class Outbox:
         if not self._writer_running:
             self.start_writer()
         return True
+
+    def follow_ended(self, follow: Any) -> None:
+        """The outbox is the ``Follower`` a generation delivers to; the end of a follow is
+        the connection's business."""
+        self.owner.follow_ended(follow)
 
     def send_urgent(self, item: OutItem) -> None:
         """Queue ``item`` without waiting and without dropping it (see the module's doc)."""

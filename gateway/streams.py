@@ -23,7 +23,6 @@ from config import Settings
 from gateway.backends import ChatTurn, GenerationRequest
 from gateway.cluster.base import StreamMeta, TokenBatch
 from gateway.cluster.control import Cancel, FollowNotice
-from gateway.core.ports import Follower
 from gateway.core.state import ConnectionState
 from gateway.generation import Follow, Generation
 from gateway.hub import Hub, publish_or_unavailable
@@ -61,8 +60,8 @@ class RemoteFollow:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
-class StreamsHost(Follower, Protocol):
-    """What ``Streams`` needs of its connection: it is also the generations' follower."""
+class StreamsHost(Protocol):
+    """What ``Streams`` needs of its connection. Generations deliver to its outbox."""
 
     hub: Hub
     settings: Settings
@@ -137,7 +136,7 @@ class Streams:
         generation = Generation(hub, meta, request, lease, accepted_at)
         if message.room is None:
             # The generation sends its own start frame first (see Generation._produce).
-            self.follows[stream_id] = generation.follow(host)
+            self.follows[stream_id] = generation.follow(host.outbox)
         host.log(logging.DEBUG, "generation started", stream=stream_id)
         hub.start_generation(generation)
 
@@ -199,7 +198,7 @@ class Streams:
             raise GatewayError("this connection already follows that generation", code=ErrorCode.DUPLICATE_ID)
         generation = host.hub.generations.get((host.user, stream_id))
         if generation is not None and generation.terminal is None:
-            follow, replay, first = generation.attach_for_resume(host, after)
+            follow, replay, first = generation.attach_for_resume(host.outbox, after)
             self.follows[stream_id] = follow
             host.spawn(self._replay_local, follow, replay, first)
             return
