@@ -19,7 +19,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from benchmarks.floor_common import HELLO, Pacing, schedule_tokens
+from benchmarks.floor_common import HELLO, Pacing, freeze_after_start, schedule_tokens
 
 
 def create_app(pacing: Pacing) -> FastAPI:
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ws-ping-interval-s", type=float, default=20.0)
     args = parser.parse_args(argv)
     app = create_app(Pacing(args.tokens_per_s, args.ttft_ms / 1000.0))
+    freeze_after_start()
     uvicorn.run(
         app,
         host="127.0.0.1",

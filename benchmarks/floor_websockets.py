@@ -16,7 +16,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.floor_common import HELLO, Pacing, schedule_tokens
+from benchmarks.floor_common import HELLO, Pacing, freeze_after_start, schedule_tokens
 
 
 async def stream(websocket: ServerConnection, request: dict[str, object], pacing: Pacing) -> None:
@@ -61,6 +61,7 @@ async def run(port: int, pacing: Pacing, ping_interval: float | None) -> None:
         handler, "127.0.0.1", port, compression=None, ping_interval=ping_interval, ping_timeout=ping_interval,
         backlog=2048,
     ) as server:
+        freeze_after_start()
         await server.serve_forever()
 
 

@@ -213,11 +213,47 @@ def measure_latency(ctx: Context, target: Target, streams: int, options: ServerO
         "stagger_s": p.s3_stagger_s, "timeout_s": 60.0 + p.s3_tokens_each / LLM_TOKENS_PER_S,
     }
     with ServerProcess(target, options, ctx.pinning, ctx.workdir) as server:
+        before = scrape_metrics(server.port) if target.kind == "gateway" else {}
         run = run_loadgen(spec, server, ctx.pinning, timeout=300.0)
+        health = runtime_health(before, scrape_metrics(server.port)) if target.kind == "gateway" else {}
     window = run.window("sgo", "send")
     tokens = max(run.result["tokens"], 1)
-    return {"target": target.name, **run.result, **window,
+    return {"target": target.name, **run.result, **window, **health,
             "cpu_us_per_token": 1e6 * window["server_cpu_s"] / tokens}
+
+
+def runtime_health(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """From the gateway's own metrics over a run: the p99 of its event-loop lag (the upper
+    bound of the histogram bucket that holds it) and its full (generation 2) collections."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    lag = "gateway_event_loop_lag_seconds"
+    buckets = sorted(
+        (float(key.split('le="')[1].rstrip('"}')), delta(key))
+        for key in after if key.startswith(lag + "_bucket{") and 'le="+Inf"' not in key
+    )
+    count = delta(lag + "_count")
+    p99 = math.nan
+    for bound, cumulative in buckets:
+        if count and cumulative >= 0.99 * count:
+            p99 = bound * 1000
+            break
+    else:
+        if count:
+            p99 = math.inf
+    full = 'gateway_gc_pause_seconds_{}{{generation="2"}}'
+    young = 'gateway_gc_pause_seconds_{}{{generation="{}"}}'
+    return {
+        "loop_lag_p99_ms": p99,
+        "loop_lag_samples": count,
+        "gc_full_collections": delta(full.format("count")),
+        "gc_full_pause_ms": 1000 * delta(full.format("sum")),
+        "gc_young_pause_ms": 1000 * sum(delta(young.format("sum", g)) for g in (0, 1)),
+        "gc_young_collections": sum(delta(young.format("count", g)) for g in (0, 1)),
+        "gc_gen1_pause_ms": 1000 * delta(young.format("sum", 1)),
+        "gc_gen1_collections": delta(young.format("count", 1)),
+    }
 
 
 def scenario_3(ctx: Context) -> Section:
@@ -251,6 +287,15 @@ def scenario_3(ctx: Context) -> Section:
                 fmt(m["tokens_per_frame"], 2), f"{fmt(m['client_cpu_pct'])}%", check(m, m["client_cpu_pct"]),
             ])
     under = [m["n"] for m in rows if m["target"] == GATEWAY.name and m["delay_p99_ms"] <= DELAY_TARGET_MS]
+    health = [m for m in rows if m["target"] == GATEWAY.name and "loop_lag_p99_ms" in m]
+    if health:
+        section.notes.append(
+            "The gateway's own event loop during those runs (its metrics `gateway_event_loop_lag_seconds`, a timer "
+            "due every 50 ms, and `gateway_gc_pause_seconds`): "
+            + "; ".join(f"N={fmt(m['n'])}: loop lag p99 ≤ {fmt(m['loop_lag_p99_ms'], 1)} ms, "
+                        f"{fmt(m['gc_full_collections'])} full collection(s) stopping it "
+                        f"{fmt(m['gc_full_pause_ms'], 1)} ms in all, young collections "
+                        f"{fmt(m['gc_young_pause_ms'], 1)} ms" for m in health) + ".")
     section.notes += [
         f"Largest N measured with the gateway's p99 added delay ≤ {DELAY_TARGET_MS:.0f} ms: "
         + (fmt(max(under)) if under else "none of those measured") + ".",

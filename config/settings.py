@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # Shutdown
     drain_timeout_s: float = Field(default=20.0, ge=0)
 
+    # Garbage collection: a full collection stops every connection at once for as long as
+    # it scans the live objects (tens of milliseconds with a thousand connections).
+    gc_freeze_after_start: bool = True
+    gc_full_collection_interval_s: float = Field(default=60.0, ge=0)
+
     # Scale-out and resume
     # memory:// (one process) or redis:// / rediss:// (any number of processes share
     # streams, limits and control messages). GATEWAY_REDIS_URL is accepted as its old name.

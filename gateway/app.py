@@ -20,7 +20,7 @@ from gateway.cluster import build_cluster
 from gateway.endpoints import admin_broadcast, websocket_endpoint
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.runtime import GCPauses, LoopLagProbe
+from gateway.runtime import CollectionPolicy, GCPauses, LoopLagProbe
 from gateway.wire.errors import Unavailable
 
 logger = logging.getLogger("gateway.app")
@@ -65,11 +65,14 @@ def create_app(settings: Settings) -> FastAPI:
             logger.info("gateway ready: backend=%s cluster=%s node=%s", backend.name, cluster.name, cluster.node_id)
             loop_lag = LoopLagProbe(metrics)
             gc_pauses = GCPauses(metrics)
+            collections = CollectionPolicy(settings.gc_freeze_after_start, settings.gc_full_collection_interval_s)
             loop_lag.start()
             gc_pauses.start()
+            collections.start()
             try:
                 yield
             finally:
+                collections.stop()
                 loop_lag.stop()
                 gc_pauses.stop()
                 task_group.cancel_scope.cancel()

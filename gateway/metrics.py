@@ -48,6 +48,10 @@ class Metrics:
             "gateway_gc_pause_seconds", "Garbage collections, by generation, and how long each stopped the process",
             ["generation"], buckets=pause_buckets, registry=r,
         )
+        self.gc_collected = Counter(
+            "gateway_gc_collected_objects_total", "Unreachable objects the garbage collector freed, by generation",
+            ["generation"], registry=r,
+        )
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
         self.cluster_up = Gauge("gateway_cluster_up", "1 while the cluster store answers (always 1 for memory://)",
                                 registry=r)

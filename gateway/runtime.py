@@ -52,13 +52,17 @@ class GCPauses:
 
     def __init__(self, metrics: Metrics) -> None:
         self._by_generation = [metrics.gc_pause.labels(str(generation)) for generation in range(3)]
+        self._collected = [metrics.gc_collected.labels(str(generation)) for generation in range(3)]
         self._started = 0.0
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+            generation = info["generation"]
+            self._by_generation[generation].observe(time.perf_counter() - self._started)
+            if info["collected"]:
+                self._collected[generation].inc(info["collected"])
 
     def start(self) -> None:
         gc.callbacks.append(self._callback)
@@ -66,3 +70,77 @@ class GCPauses:
     def stop(self) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
+
+
+# The gen-2 threshold that turns Python's automatic full collections off: it counts
+# generation-1 collections, of which there are a few hundred a minute under load.
+NEVER = 1 << 30
+
+
+class CollectionPolicy:
+    """When the process collects garbage.
+
+    Python runs a full collection whenever enough objects have survived into the oldest
+    generation, and it scans every live object: with a thousand connections that stops
+    the process for tens of milliseconds, at a moment set by allocation, which lands in
+    the middle of streams. Instead:
+
+    - after start, everything that exists (the code, the app, the backend and its model) is
+      frozen (``gc.freeze``): it lives as long as the process, and is never scanned again.
+      Only what existed at start is frozen, once, so the frozen set does not grow;
+    - young collections stay automatic: they scan only recent objects and take well under
+      a millisecond;
+    - full collections run every ``GATEWAY_GC_FULL_COLLECTION_INTERVAL_S`` instead, so
+      cyclic garbage that reached the oldest generation is freed within that interval and
+      memory stays bounded, while a stall of the whole process happens at most that often.
+
+    Several apps in one process (tests) share the policy: it is applied by the first and
+    undone by the last.
+    """
+
+    _users = 0
+    _saved: tuple[int, int, int] | None = None
+    _froze = False
+
+    def __init__(self, freeze_after_start: bool, full_collection_interval_s: float) -> None:
+        self.freeze_after_start = freeze_after_start
+        self.interval_s = full_collection_interval_s
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        cls = CollectionPolicy
+        if cls._users == 0:
+            cls._saved = gc.get_threshold()
+            if self.freeze_after_start and gc.get_freeze_count() == 0:
+                gc.freeze()
+                cls._froze = True
+            if self.interval_s > 0:
+                young, middle, _ = cls._saved
+                gc.set_threshold(young, middle, NEVER)
+        cls._users += 1
+        if self.interval_s > 0:
+            self._loop = asyncio.get_running_loop()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._handle = self._loop.call_later(self.interval_s, self._collect)
+
+    def _collect(self) -> None:
+        gc.collect()
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        cls = CollectionPolicy
+        cls._users -= 1
+        if cls._users == 0:
+            if cls._saved is not None:
+                gc.set_threshold(*cls._saved)
+                cls._saved = None
+            if cls._froze:
+                gc.unfreeze()
+                cls._froze = False

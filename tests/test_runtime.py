@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from gateway.metrics import Metrics
-from gateway.runtime import GCPauses, LoopLagProbe
+from gateway.runtime import NEVER, CollectionPolicy, GCPauses, LoopLagProbe
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +54,31 @@ def test_every_collection_is_measured_by_generation() -> None:
     assert sample(metrics, "gateway_gc_pause_seconds_count", {"generation": "2"}) == 1
     assert sample(metrics, "gateway_gc_pause_seconds_count", {"generation": "0"}) >= 1
     assert sample(metrics, "gateway_gc_pause_seconds_sum", {"generation": "2"}) > 0
+
+
+async def test_the_collection_policy_freezes_at_start_and_runs_full_collections_on_its_schedule() -> None:
+    before = gc.get_threshold()
+    policy = CollectionPolicy(freeze_after_start=True, full_collection_interval_s=0.05)
+    full_before = gc.get_stats()[2]["collections"]
+    policy.start()
+    try:
+        assert gc.get_freeze_count() > 0
+        young, middle, oldest = gc.get_threshold()
+        assert (young, middle) == before[:2] and oldest == NEVER  # no automatic full collection
+        with anyio.fail_after(5):
+            while gc.get_stats()[2]["collections"] < full_before + 2:  # the schedule's, twice
+                await anyio.sleep(0.01)
+    finally:
+        policy.stop()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+async def test_interval_zero_leaves_full_collections_to_python() -> None:
+    before = gc.get_threshold()
+    policy = CollectionPolicy(freeze_after_start=False, full_collection_interval_s=0)
+    policy.start()
+    try:
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    finally:
+        policy.stop()
