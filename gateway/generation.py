@@ -231,7 +231,9 @@ class Generation:
                                 if len(follows) == 1:
                                     # Read it once: a follower may be detached during the await.
                                     only = follows[0]
-                                    if not await only.deliver(item):
+                                    # A paced token goes straight to the socket, with no
+                                    # coroutine in between; anything else is delivered.
+                                    if not (only.live and only.sink.send_now(item)) and not await only.deliver(item):
                                         self.detach(only)
                                 else:
                                     # Several connections follow (a resume while the old

@@ -207,35 +207,51 @@ class Outbox:
 
     # Ways in ------------------------------------------------------------------------------
 
-    async def send(self, item: OutItem) -> None:
-        """Queue ``item``, waiting while the queue is full.
+    def send_now(self, item: OutItem) -> bool:
+        """Write ``item`` to the socket at once if that cannot overtake another frame; False
+        (nothing written) otherwise. No coroutine: a paced token costs one call here.
 
         A paced token (an LLM's: tens of milliseconds apart) finds the queue empty and the
-        socket writable; it is written right here, in the producer's task, which saves
-        waking the writer task for every token. Tokens that follow each other closely
-        (within ``DIRECT_WRITE_GAP_S``) are queued for the writer instead, which merges
-        whatever waits into one frame: at full speed only the first token of a burst is
-        written directly. Order holds because a direct write happens only while nothing is
-        queued and the writer is not writing. It waits while items wait in the overflow:
-        those are older and go out first."""
+        socket writable, and is written by the producer itself, which saves waking the
+        writer task for every token. Tokens that follow each other closely (within
+        ``DIRECT_WRITE_GAP_S``) go to the writer instead, which merges whatever waits into
+        one frame: at full speed only the first token of a burst is written directly.
+        Order holds because a direct write happens only while nothing is queued, nothing
+        waits in the overflow and the writer is not writing."""
+        transport = self.transport
+        if transport is None or self._overflow or not self._writer_quiet() or self.owner.closing:
+            return False
+        # The loop's clock, not anyio's: this runs once per paced token.
+        now = asyncio.get_running_loop().time()
+        if now - self._last_direct_write < DIRECT_WRITE_GAP_S:
+            return False
+        self._last_direct_write = now
+        if type(item) is Token:
+            text = encode_token(item.stream.id_json, item.seq, item.text)
+            tokens = 1
+        else:
+            text = encode_item(item)
+            tokens = 0
+        if not transport.send_texts([text]):
+            return False
+        self._sent_frames += 1
+        self._sent_tokens += tokens
+        if self._sent_frames >= METRICS_EVERY_FRAMES:
+            self.report_sent()
+        return True
+
+    async def send(self, item: OutItem) -> None:
+        """Queue ``item``, waiting while the queue is full (or written at once: see
+        ``send_now``). It waits while items wait in the overflow: those are older and go
+        out first."""
         while self._overflow:
             if self.owner.closing:
                 raise ClosedResourceError
             drained = self._overflow_drained
             assert drained is not None
             await drained.wait()
-        transport = self.transport
-        if transport is not None and self._writer_quiet() and not self.owner.closing:
-            now = anyio.current_time()
-            if now - self._last_direct_write >= DIRECT_WRITE_GAP_S:
-                self._last_direct_write = now
-                if type(item) is Token:
-                    if transport.send_texts([encode_token(item.stream.id_json, item.seq, item.text)]):
-                        self._count_sent(1, 1, 0)
-                        return
-                elif transport.send_texts([encode_item(item)]):
-                    self._count_sent(1, 0, 0)
-                    return
+        if self.send_now(item):
+            return
         # ``send_queued``, inline: this is the path of every token at full speed.
         queue = self.queue
         if not queue.put_nowait(item):

@@ -8,6 +8,7 @@ make the backend drift; 0 means as fast as possible.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
@@ -80,17 +81,20 @@ class SyntheticBackend:
         return True
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        # The gateway runs on asyncio (uvicorn); its sleep and clock are used directly,
+        # without anyio's dispatch, because this is the per-token path of every load test.
+        clock = asyncio.get_running_loop().time
         prompt = request.last_user_text()
-        started = anyio.current_time()
+        started = clock()
         if self.ttft_s:
-            await anyio.sleep(self.ttft_s)
+            await asyncio.sleep(self.ttft_s)
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
         first_at = started + self.ttft_s
         for index, text in enumerate(iter_synthetic_tokens(prompt, request.max_tokens)):
             if interval:
-                delay = first_at + index * interval - anyio.current_time()
+                delay = first_at + index * interval - clock()
                 if delay > 0:
-                    await anyio.sleep(delay)
+                    await asyncio.sleep(delay)
                 else:
                     await anyio.lowlevel.checkpoint()
             elif index % _YIELD_EVERY == 0:

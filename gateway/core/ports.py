@@ -33,6 +33,10 @@ class Transport(Protocol):
 
 
 class Follower(Protocol):
+    def send_now(self, item: OutItem) -> bool:
+        """Write ``item`` at once if that keeps the order; False, with nothing written, when
+        it must be queued instead (then ``send``)."""
+
     async def send(self, item: OutItem) -> None:
         """Queue ``item``; waits while the send queue is full (backpressure). Raises
         ``anyio.ClosedResourceError`` once the connection is closing."""
