@@ -149,6 +149,17 @@ def test_protocol_json_is_built_and_parsed_only_in_wire() -> None:
     assert not offenders, "\n".join(offenders)
 
 
+def test_the_core_never_awaits() -> None:
+    awaiting = [
+        f"{name}:{node.lineno}"
+        for name, path in modules().items()
+        if name.startswith("gateway.core")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Await | ast.AsyncFor | ast.AsyncWith)
+    ]
+    assert not awaiting, awaiting
+
+
 def test_every_module_says_its_job_and_stays_small() -> None:
     problems = []
     for name, path in modules().items():
