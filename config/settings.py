@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     max_connections_per_user: int = Field(default=32, ge=1)
     user_generate_rate_per_s: float = Field(default=5.0, gt=0)
     user_generate_burst: int = Field(default=20, ge=1)
+    # Every inbound frame of one connection (generate, cancel, resume, join, leave, ping…).
+    connection_frame_rate_per_s: float = Field(default=50.0, gt=0)
+    connection_frame_burst: int = Field(default=100, ge=1)
+    flood_close_s: float = Field(default=10.0, gt=0)
 
     # Backpressure and socket writes
     send_queue_size: int = Field(default=256, ge=1)

@@ -32,12 +32,14 @@ from gateway.core.liveness import Liveness
 from gateway.core.ports import TRANSPORT_EXTENSION, Transport
 from gateway.core.state import (
     COUNTED_AT_CLOSE,
+    FLOOD,
     INTERNAL_ERROR,
     SHUTTING_DOWN,
     SLOW_CONSUMER,
     SOCKET_GONE,
     CloseDecision,
     ConnectionState,
+    FrameVerdict,
 )
 from gateway.generation import Follow
 from gateway.hub import Hub
@@ -46,7 +48,7 @@ from gateway.rooms import Rooms
 from gateway.streams import Streams
 from gateway.wire.coalesce import Frame, OutItem
 from gateway.wire.codes import CloseCode, ErrorCode
-from gateway.wire.errors import BadRequest, FrameError, GatewayError
+from gateway.wire.errors import BadRequest, FrameError, GatewayError, RateLimited
 from gateway.wire.inbound import (
     AuthMessage,
     CancelMessage,
@@ -156,6 +158,9 @@ class Connection:
 
     def send_urgent(self, item: OutItem) -> None:
         self.outbox.send_urgent(item)
+
+    def send_droppable(self, item: OutItem) -> bool:
+        return self.outbox.send_droppable(item)
 
     def follow_ended(self, follow: Follow) -> None:
         self.streams.follow_ended(follow)
@@ -267,7 +272,7 @@ class Connection:
         if code in COUNTED_AT_CLOSE:
             self.hub.metrics.closes.labels(CloseCode(code).name.lower()).inc()
         transport = self.transport
-        if decision.graceful or transport is None:
+        if decision.graceful or decision.handshake or transport is None:
             with anyio.move_on_after(2.0) as scope:
                 try:
                     await self.websocket.close(code, decision.reason)
@@ -291,12 +296,22 @@ class Connection:
                         self.hub.metrics.closes.labels("too_big").inc()
                     self.close(SOCKET_GONE)
                     return
-                liveness.inbound(anyio.current_time())
+                now = anyio.current_time()
+                liveness.inbound(now)
                 text = message.get("text")
+                if text == PONG_FRAME:  # the answer to a heartbeat: a sign of life, nothing to do
+                    continue
+                verdict, retry_after = self.state.admit_frame(now)
+                if verdict is not FrameVerdict.ACCEPT:
+                    self.hub.metrics.frames_rate_limited.inc()
+                    if verdict is FrameVerdict.TELL:
+                        await self._send_error(None, RateLimited("too many frames; slow down",
+                                                                 retry_after_s=retry_after))
+                    elif verdict is FrameVerdict.FLOOD:
+                        self.close(FLOOD)
+                    continue
                 if text is None:
                     await self._send_error(None, BadRequest("binary frames are not supported; send JSON text frames"))
-                    continue
-                if text == PONG_FRAME:  # the answer to a heartbeat: a sign of life, nothing to do
                     continue
                 if self.state.closing:
                     continue  # closing: nothing new is served, and the send queue may be closed

@@ -51,19 +51,21 @@ TIMER_SLACK_S = 0.01
 _OUTCOMES = frozenset({"stop", "length", "cancelled", "abandoned", "error", "internal"} | {str(c) for c in ErrorCode})
 
 
-def room_items(message: RoomEvents) -> list[OutItem]:
-    """What a room's members are sent for ``message``, the same items for every member."""
-    items: list[OutItem] = []
+def room_items(message: RoomEvents) -> list[tuple[OutItem, bool]]:
+    """What a room's members are sent for ``message``, the same items for every member,
+    each with whether it may be dropped for a member that cannot take it now (presence:
+    it must never be what closes a member as a slow consumer)."""
+    items: list[tuple[OutItem, bool]] = []
     room = message.room
     for event in message.events:
         if isinstance(event, RoomTokens):
-            items.append(Token(StreamRef.of(event.id), event.last_seq, event.text))
+            items.append((Token(StreamRef.of(event.id), event.last_seq, event.text), False))
         elif isinstance(event, RoomStart):
-            items.append(Start(StreamRef.of(event.id), event.epoch, room))
+            items.append((Start(StreamRef.of(event.id), event.epoch, room), False))
         elif isinstance(event, RoomEnd):
-            items.append(End(StreamRef.of(event.id), event.terminal))
+            items.append((End(StreamRef.of(event.id), event.terminal), False))
         else:
-            items.append(Frame(None, encode_presence(room, event.user, event.event)))
+            items.append((Frame(None, encode_presence(room, event.user, event.event)), True))
     return items
 
 
@@ -230,10 +232,16 @@ class Hub:
             if members:
                 items = room_items(message)
                 # A member is not told about its own join or leave.
+                dropped = 0
                 for connection in list(members):
                     if connection.session_id != message.origin:
-                        for item in items:
-                            connection.send_urgent(item)
+                        for item, droppable in items:
+                            if not droppable:
+                                connection.send_urgent(item)
+                            elif not connection.send_droppable(item):
+                                dropped += 1
+                if dropped:
+                    self.metrics.presence_dropped.inc(dropped)
 
     async def publish(self, message: ControlMessage) -> None:
         await self.cluster.backplane.publish(message)

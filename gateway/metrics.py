@@ -31,6 +31,13 @@ class Metrics:
         self.auth_failures = Counter(
             "gateway_auth_failures_total", "Rejected credentials by reason", ["reason"], registry=r
         )
+        self.frames_rate_limited = Counter(
+            "gateway_frames_rate_limited_total", "Inbound frames dropped by the per-connection frame rate", registry=r
+        )
+        self.presence_dropped = Counter(
+            "gateway_presence_dropped_total", "Presence frames dropped for a member whose send queue was full",
+            registry=r,
+        )
         self.errors = Counter("gateway_errors_total", "Error frames sent, by code", ["code"], registry=r)
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",

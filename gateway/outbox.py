@@ -39,6 +39,9 @@ METRICS_EVERY_FRAMES = 64
 # A producer's item goes straight to the socket when nothing is queued, no write is in
 # flight and the connection's last such write is at least this old; see ``Outbox.send``.
 DIRECT_WRITE_GAP_S = 0.002
+# A frame that may be dropped is sent only while the socket's own buffer holds less than
+# this: otherwise the client is behind, and it would only delay what may not be dropped.
+DROPPABLE_BACKLOG_BYTES = 4096
 
 SendMessage = Callable[[Any], Awaitable[None]]
 
@@ -289,6 +292,19 @@ class Outbox:
             self.start_writer()
         return True
 
+    def send_droppable(self, item: OutItem) -> bool:
+        """Send ``item`` only if the connection is caught up: nothing queued, nothing in the
+        overflow, the writer idle and little waiting in the socket's buffer; False, with
+        nothing sent, otherwise. For frames that may be lost (presence): they must never
+        take a slow reader's bandwidth from what may not be lost, nor be why it is closed
+        as a slow consumer."""
+        if self.owner.closing or self._overflow or not self._writer_quiet():
+            return False
+        transport = self.transport
+        if transport is not None and transport.write_backlog > DROPPABLE_BACKLOG_BYTES:
+            return False
+        return self.offer(item)
+
     def follow_ended(self, follow: Any) -> None:
         """The outbox is the ``Follower`` a generation delivers to; the end of a follow is
         the connection's business."""
@@ -375,6 +391,14 @@ class Outbox:
                 sent = len(frames)
                 overflow = self._overflow
                 if overflow is not None:
+                    # What was queued while that batch went out is older than the overflow
+                    # (items go to the overflow only once the queue is full): it goes first.
+                    frames, tokens_before, merged_before = coalesce(queue.take_all())
+                    for text in frames:
+                        await send({"type": "websocket.send", "text": text})
+                    sent += len(frames)
+                    tokens += tokens_before
+                    merged += merged_before
                     while overflow:
                         await send({"type": "websocket.send", "text": encode_item(overflow.popleft())})
                         sent += 1

@@ -79,11 +79,14 @@ class StreamsHost(Protocol):
 
 
 class Streams:
-    __slots__ = ("_cancel_answers", "follows", "host")
+    __slots__ = ("_cancel_answers", "_room_generations", "follows", "host")
 
     def __init__(self, host: StreamsHost) -> None:
         self.host = host
         self.follows: dict[str, Follow | RemoteFollow] = {}
+        # Room generations this connection started and that still run: they count toward
+        # GATEWAY_MAX_STREAMS_PER_CONNECTION like the ones it follows. Created on first use.
+        self._room_generations: list[Generation] | None = None
         # Created on first use: most connections never cancel a generation they do not
         # follow, and an empty set is 216 bytes.
         self._cancel_answers: set[str] | None = None
@@ -100,7 +103,7 @@ class Streams:
             prompt_chars=message.prompt_chars(), max_tokens=message.max_tokens, room=message.room,
             in_room=message.room is not None and rooms is not None and message.room in rooms,
             id_taken=stream_id in self.follows or (user, stream_id) in hub.generations,
-            draining=hub.draining, following=len(self.follows),
+            draining=hub.draining, following=self.running(),
         )
         accepted_at = anyio.current_time()
         lease = await hub.limits.acquire_generation(user)
@@ -137,8 +140,19 @@ class Streams:
         if message.room is None:
             # The generation sends its own start frame first (see Generation._produce).
             self.follows[stream_id] = generation.follow(host.outbox)
+        else:
+            if self._room_generations is None:
+                self._room_generations = []
+            self._room_generations.append(generation)
         host.log(logging.DEBUG, "generation started", stream=stream_id)
         hub.start_generation(generation)
+
+    def running(self) -> int:
+        """Generations this connection follows or started in a room, still running."""
+        rooms = self._room_generations
+        if rooms:
+            rooms[:] = [generation for generation in rooms if not generation.finished.is_set()]
+        return len(self.follows) + (len(rooms) if rooms else 0)
 
     async def cancel(self, stream_id: str) -> None:
         host = self.host
@@ -196,6 +210,9 @@ class Streams:
         host = self.host
         if stream_id in self.follows:
             raise GatewayError("this connection already follows that generation", code=ErrorCode.DUPLICATE_ID)
+        limit = host.settings.max_streams_per_connection
+        if self.running() >= limit:
+            raise GatewayError(f"at most {limit} generations per connection", code=ErrorCode.TOO_MANY_STREAMS)
         generation = host.hub.generations.get((host.user, stream_id))
         if generation is not None and generation.terminal is None:
             follow, replay, first = generation.attach_for_resume(host.outbox, after)

@@ -306,11 +306,11 @@ class RawClient:
             if chunk:
                 self.sock.sendall(chunk)
 
-    def read_some(self) -> None:
+    def read_some(self, size: int = 65536) -> None:
         from websockets.frames import Frame as WsFrame
         from websockets.frames import Opcode
 
-        data = self.sock.recv(65536)
+        data = self.sock.recv(size)
         if not data:
             self.protocol.receive_eof()
         else:

@@ -112,10 +112,13 @@ def test_admission_refuses_with_the_first_failing_check(facts: dict[str, object]
     assert refused.value.code == code
 
 
-def test_admission_lets_a_room_generation_past_the_per_connection_limit() -> None:
+def test_room_generations_count_toward_the_per_connection_limit() -> None:
     state = state_at(max_streams_per_connection=2)
     admit(state, following=1)
-    admit(state, room="lobby", in_room=True, following=2)
+    admit(state, room="lobby", in_room=True, following=1)
+    with pytest.raises(GatewayError) as full:
+        admit(state, room="lobby", in_room=True, following=2)
+    assert full.value.code == ErrorCode.TOO_MANY_STREAMS
     state.decide_close(STALE)
     with pytest.raises(GatewayError) as refused:
         admit(state)

@@ -24,6 +24,10 @@ class Transport(Protocol):
     def last_inbound(self) -> float:
         """Event-loop time of the last bytes received from the client."""
 
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written but not yet taken by the socket (the transport's own buffer)."""
+
     def send_texts(self, texts: list[str]) -> bool:
         """Write text frames now, in one write, if the socket takes data without waiting.
         False, with nothing written, when it would wait, is closing or is gone."""
@@ -59,6 +63,9 @@ class Member(Protocol):
 
     def send_urgent(self, item: OutItem) -> None:
         """A broadcast or a room event: never waits (see ``Follower.send_urgent``)."""
+
+    def send_droppable(self, item: OutItem) -> bool:
+        """Queue ``item`` if there is room now; False (dropped) when the connection is busy."""
 
     def shut_down(self) -> None:
         """The process drains: end remaining generations with ``shutting_down``, close 1001."""

@@ -39,12 +39,15 @@ class CloseDecision:
     first ends the generations this socket follows with ``terminal`` (when set), sends
     ``final`` error frames and flushes the queue, then the close frame; an abrupt one
     cancels everything and closes at once, without waiting for a client that may not be
-    reading. ``metric`` is the ``gateway_closes_total`` reason counted when it is decided.
+    reading; unless ``handshake``, for a client known to read (a flooding one): the close
+    frame then waits for the client's own, as a graceful close's does. ``metric`` is the
+    ``gateway_closes_total`` reason counted when it is decided.
     """
 
     code: int | None
     reason: str = ""
     graceful: bool = False
+    handshake: bool = False
     terminal: Failed | None = None
     final: tuple[Failed, ...] = ()
     metric: str | None = None
@@ -62,12 +65,26 @@ TOKEN_EXPIRED = CloseDecision(
     terminal=Failed(ErrorCode.TOKEN_EXPIRED, TOKEN_EXPIRED_MESSAGE),
     final=(Failed(ErrorCode.TOKEN_EXPIRED, TOKEN_EXPIRED_MESSAGE),), metric="token_expired",
 )
+FLOOD = CloseDecision(CloseCode.POLICY, "too many frames for too long", handshake=True, metric="flood")
 SHUTTING_DOWN = CloseDecision(
     CloseCode.GOING_AWAY, "server shutting down", graceful=True,
     terminal=Failed(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE),
 )
 # Close codes counted in ``gateway_closes_total`` (by their name) when the close frame goes out.
 COUNTED_AT_CLOSE = frozenset({CloseCode.INTERNAL, CloseCode.GOING_AWAY, CloseCode.POLICY, CloseCode.TRY_AGAIN_LATER})
+
+
+class FrameVerdict(Enum):
+    """What becomes of one inbound frame under the connection's frame rate."""
+
+    ACCEPT = "accept"
+    DROP = "drop"  # over the rate; the client was told less than a second ago
+    TELL = "tell"  # over the rate: drop it and send a rate_limited error frame
+    FLOOD = "flood"  # over the rate for GATEWAY_FLOOD_CLOSE_S: close (FLOOD)
+
+
+# A rate_limited error frame for dropped frames goes out at most this often.
+TELL_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +98,20 @@ class DeadlineOutcome:
 
 
 class ConnectionState:
-    __slots__ = ("decision", "liveness", "phase", "settings")
+    __slots__ = ("_dropped_at", "_flood_since", "_frame_allowance", "_frames_at", "_told_at", "decision", "liveness",
+                 "phase", "settings")
 
     def __init__(self, settings: Settings, liveness: Liveness) -> None:
         self.settings = settings
         self.liveness = liveness
         self.phase = Phase.OPEN
         self.decision: CloseDecision | None = None
+        # The frame rate's token bucket (None: full) and the flood it may be in.
+        self._frame_allowance: float | None = None
+        self._frames_at = 0.0
+        self._flood_since: float | None = None
+        self._dropped_at = 0.0
+        self._told_at: float | None = None
 
     @property
     def closing(self) -> bool:
@@ -129,9 +153,39 @@ class ConnectionState:
                 ping = True
         return DeadlineOutcome(ping, None, liveness.next_deadline())
 
+    def admit_frame(self, now: float) -> tuple[FrameVerdict, float]:
+        """One inbound frame arrived at ``now``: whether it is served, and when the next
+        one would be (seconds, for the client's ``retry_after_s``)."""
+        settings = self.settings
+        rate = settings.connection_frame_rate_per_s
+        burst = float(settings.connection_frame_burst)
+        allowance = self._frame_allowance
+        allowance = burst if allowance is None else min(burst, allowance + (now - self._frames_at) * rate)
+        self._frames_at = now
+        if allowance >= 1.0:
+            self._frame_allowance = allowance - 1.0
+            # A flood ends after a whole second without a dropped frame: a client sending
+            # over the rate keeps flooding even though the rate lets a frame through now
+            # and then.
+            if self._flood_since is not None and now - self._dropped_at >= TELL_EVERY_S:
+                self._flood_since = None
+            return FrameVerdict.ACCEPT, 0.0
+        self._frame_allowance = allowance
+        self._dropped_at = now
+        retry_after = (1.0 - allowance) / rate
+        if self._flood_since is None:
+            self._flood_since = now
+        elif now - self._flood_since >= settings.flood_close_s:
+            return FrameVerdict.FLOOD, retry_after
+        if self._told_at is None or now - self._told_at >= TELL_EVERY_S:
+            self._told_at = now
+            return FrameVerdict.TELL, retry_after
+        return FrameVerdict.DROP, retry_after
+
     def admit_generate(self, *, prompt_chars: int, max_tokens: int | None, room: str | None,
                        in_room: bool, id_taken: bool, draining: bool, following: int) -> None:
-        """Raise the error that refuses a generate, or return: it may start."""
+        """Raise the error that refuses a generate, or return: it may start. ``following``
+        counts the generations the connection follows or started in a room."""
         settings = self.settings
         if prompt_chars > settings.max_prompt_chars:
             raise GatewayError(f"the prompt is longer than {settings.max_prompt_chars} characters",
@@ -144,7 +198,7 @@ class ConnectionState:
             raise GatewayError("a generation with this id is already running", code=ErrorCode.DUPLICATE_ID)
         if draining or self.closing:
             raise GatewayError(SHUTTING_DOWN_MESSAGE, code=ErrorCode.SHUTTING_DOWN)
-        if room is None and following >= settings.max_streams_per_connection:
+        if following >= settings.max_streams_per_connection:
             raise GatewayError(f"at most {settings.max_streams_per_connection} generations per connection",
                                code=ErrorCode.TOO_MANY_STREAMS)
 

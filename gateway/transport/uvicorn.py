@@ -46,6 +46,11 @@ class TransportControl:
         """Event-loop time of the last bytes received from the client."""
         return self._protocol.last_inbound
 
+    @property
+    def write_backlog(self) -> int:
+        transport = self._protocol.transport
+        return transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+
     def send_texts(self, texts: list[str]) -> bool:
         """Write text frames now, in one ``write``, if the socket takes data without waiting.
         False, with nothing written, when it is paused above its high-water mark, closing or

@@ -1,0 +1,153 @@
+"""No client can hurt another: floods of control frames, presence floods beside a slow
+reader, and the per-connection generation limit counting every kind of stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from gateway.backends.synthetic import synthetic_tokens
+from tests.conftest import Serve
+from tests.support import ClientConnection, RawClient, connected, mint, recv_until, stream_text, terminal_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def collect_frames(ws: ClientConnection, into: list[dict[str, Any]]) -> None:
+    try:
+        while True:
+            into.append(json.loads(await ws.recv()))
+    except ConnectionClosed:
+        return
+
+
+async def test_every_frame_type_is_rate_limited_and_the_client_is_told_once(serve: Serve) -> None:
+    server = serve(connection_frame_rate_per_s=20, connection_frame_burst=10, backend="synthetic",
+                   synthetic_tokens_per_s=200, synthetic_ttft_ms=0)
+    frames: list[dict[str, Any]] = []
+    sent = 40
+    async with connected(server, mint("ann", rooms="*")) as flooder, connected(server, mint("bob")) as other:
+        await other.send(json.dumps({"type": "generate", "id": "calm", "prompt": "p", "max_tokens": 40}))
+        kinds = [{"type": "ping"}, {"type": "join", "room": "r"}, {"type": "leave", "room": "r"},
+                 {"type": "cancel", "id": "nothing"}, {"type": "resume", "id": "nothing"}]
+        for i in range(sent):
+            await flooder.send(json.dumps(kinds[i % len(kinds)]))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect_frames, flooder, frames)
+            # Every frame was either answered or dropped (and counted) once this holds.
+            with anyio.fail_after(10):
+                while True:
+                    answered = [f for f in frames if f["type"] != "error" or f.get("code") != "rate_limited"]
+                    if len(answered) + server.metric("gateway_frames_rate_limited_total") >= sent:
+                        break
+                    await anyio.sleep(0.01)
+            calm = await recv_until(other, terminal_for("calm"))
+            tg.cancel_scope.cancel()
+    told = [f for f in frames if f.get("code") == "rate_limited"]
+    assert len(told) == 1 and told[0]["id"] is None and told[0]["retry_after_s"] > 0
+    dropped = server.metric("gateway_frames_rate_limited_total")
+    assert 10 <= sent - dropped <= 12  # the burst, and at most what refilled meanwhile
+    # The other connection was not slowed or touched.
+    assert stream_text(calm, "calm") == "".join(synthetic_tokens("p", 40))
+
+
+@pytest.mark.slow
+async def test_a_connection_that_keeps_flooding_is_closed_1008_and_no_one_else_is(serve: Serve) -> None:
+    server = serve(connection_frame_rate_per_s=20, connection_frame_burst=10, flood_close_s=0.5,
+                   backend="synthetic", synthetic_tokens_per_s=100, synthetic_ttft_ms=0)
+    frames: list[dict[str, Any]] = []
+    async with connected(server, mint("cy")) as flooder, connected(server, mint("di")) as other:
+        await other.send(json.dumps({"type": "generate", "id": "calm", "prompt": "q", "max_tokens": 100}))
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect_frames, flooder, frames)
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed):
+                while True:
+                    await flooder.send(json.dumps({"type": "ping"}))
+                    await anyio.lowlevel.checkpoint()
+            closed_after = anyio.current_time() - started
+            calm = await recv_until(other, terminal_for("calm"), timeout=10)
+    assert flooder.close_code == 1008
+    assert 0.5 <= closed_after < 5
+    assert 1 <= len([f for f in frames if f.get("code") == "rate_limited"]) <= closed_after + 1
+    assert server.metric('gateway_closes_total{reason="flood"}') == 1
+    assert stream_text(calm, "calm") == "".join(synthetic_tokens("q", 100))
+
+
+@pytest.mark.slow
+async def test_a_presence_flood_never_closes_a_slow_member_and_a_room_answer_arrives_exact(serve: Serve) -> None:
+    # The member reads about 50 KB a second: enough for the answer's 100 tokens a second,
+    # not for the flood's presence frames on top, so its queue fills.
+    server = serve(backend="synthetic", synthetic_tokens_per_s=100, synthetic_ttft_ms=0, send_queue_size=8,
+                   socket_send_buffer_bytes=4096, connection_frame_rate_per_s=4000, connection_frame_burst=4000)
+    member = RawClient(server.port, mint("eve", rooms="*"), recv_buffer=4096)
+    try:
+        member.send_json({"type": "join", "room": "hall"})
+        async with connected(server, mint("fox", rooms="*")) as flooder, \
+                connected(server, mint("gil", rooms="*")) as asker:
+            await asker.send(json.dumps({"type": "join", "room": "hall"}))
+            await recv_until(asker, lambda f: f["type"] == "joined")
+
+            async def flood() -> None:
+                while True:
+                    await flooder.send(json.dumps({"type": "join", "room": "hall"}))
+                    await flooder.send(json.dumps({"type": "leave", "room": "hall"}))
+                    await anyio.sleep(0.001)
+
+            def read_slowly() -> None:
+                while not any(terminal_for("talk")(f) for f in member.frames):
+                    member.read_some(256)
+                    assert not member.protocol.close_rcvd, member.protocol.close_rcvd
+                    time.sleep(0.005)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                # The flooder and the asker read what they are sent (the flooder its acks).
+                tg.start_soon(collect_frames, flooder, [])
+                tg.start_soon(collect_frames, asker, [])
+                # The flood is on before the answer starts.
+                with anyio.fail_after(10):
+                    while server.metric("gateway_presence_dropped_total") == 0:
+                        await anyio.sleep(0.01)
+                await asker.send(json.dumps({"type": "generate", "id": "talk", "room": "hall", "prompt": "o",
+                                             "max_tokens": 100}))
+                with anyio.fail_after(60):
+                    await anyio.to_thread.run_sync(read_slowly)
+                tg.cancel_scope.cancel()
+    finally:
+        member.close()
+    frames = member.frames
+    assert any(f["type"] == "presence" for f in frames)
+    assert [f["type"] for f in frames if f.get("id") == "talk"][-1] == "done"
+    assert stream_text(frames, "talk") == "".join(synthetic_tokens("o", 100))
+    assert server.metric('gateway_closes_total{reason="slow_consumer"}') == 0
+
+
+async def test_resumes_and_room_generations_count_toward_the_connection_limit(serve: Serve) -> None:
+    server = serve(backend="synthetic", synthetic_tokens_per_s=5, synthetic_ttft_ms=0, max_streams_per_connection=1,
+                   resume_grace_s=30, drain_timeout_s=0)
+    async with connected(server, mint("hu", rooms="*")) as first, connected(server, mint("hu", rooms="*")) as second:
+        await first.send(json.dumps({"type": "generate", "id": "mine", "prompt": "a", "max_tokens": 100}))
+        await recv_until(first, lambda f: f["type"] == "start")
+        await second.send(json.dumps({"type": "generate", "id": "theirs", "prompt": "b", "max_tokens": 100}))
+        await recv_until(second, lambda f: f["type"] == "start")
+        # ``second`` follows one generation already: resuming another is one too many.
+        await second.send(json.dumps({"type": "resume", "id": "mine", "after": -1}))
+        refused = (await recv_until(second, lambda f: f["type"] == "error"))[-1]
+        assert (refused["code"], refused["id"]) == ("too_many_streams", "mine")
+        # A room generation this connection started counts too.
+        await first.send(json.dumps({"type": "cancel", "id": "mine"}))
+        await recv_until(first, terminal_for("mine"))
+        await first.send(json.dumps({"type": "join", "room": "den"}))
+        await recv_until(first, lambda f: f["type"] == "joined")
+        await first.send(json.dumps({"type": "generate", "id": "r1", "room": "den", "prompt": "c", "max_tokens": 100}))
+        await recv_until(first, lambda f: f["type"] == "start" and f["id"] == "r1")
+        await first.send(json.dumps({"type": "generate", "id": "r2", "room": "den", "prompt": "d", "max_tokens": 9}))
+        refused = (await recv_until(first, lambda f: f["type"] == "error"))[-1]
+        assert (refused["code"], refused["id"]) == ("too_many_streams", "r2")
