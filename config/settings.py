@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     max_streams_per_connection: int = Field(default=8, ge=1)
     max_streams_per_user: int = Field(default=32, ge=1)
     max_connections: int = Field(default=10000, ge=1)
+    max_pending_auth: int = Field(default=1000, ge=1)
     max_connections_per_user: int = Field(default=32, ge=1)
     user_generate_rate_per_s: float = Field(default=5.0, gt=0)
     user_generate_burst: int = Field(default=20, ge=1)

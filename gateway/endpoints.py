@@ -94,23 +94,34 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await _deny(websocket, 403, "unauthorized", exc.message)
             return
 
+    if principal is None and hub.pending_auth >= settings.max_pending_auth:
+        # Sockets that have not authenticated yet have a cap of their own, so strangers
+        # holding sockets open cannot use up GATEWAY_MAX_CONNECTIONS and lock users out.
+        metrics.closes.labels("pending_auth_full").inc()
+        await _deny(websocket, 503, "unavailable", "too many connections waiting to authenticate; try again")
+        return
     await websocket.accept(subprotocol=credentials.subprotocol)
     hub.socket_opened()
+    pending = principal is None
+    if pending:
+        hub.pending_auth += 1
     try:
         if hub.draining:
             await _close(websocket, CloseCode.GOING_AWAY, "server shutting down")
             return
-        if hub.open_sockets > settings.max_connections:
-            metrics.closes.labels("server_full").inc()
-            await _close(websocket, CloseCode.TRY_AGAIN_LATER, "server full")
-            return
         if principal is None:
             principal = await _first_message_auth(hub, websocket)
+            hub.pending_auth -= 1
+            pending = False
             if principal is None:
                 return
             if hub.is_draining():  # the drain began while this client was authenticating
                 await _close(websocket, CloseCode.GOING_AWAY, "server shutting down")
                 return
+        if hub.open_sockets - hub.pending_auth > settings.max_connections:
+            metrics.closes.labels("server_full").inc()
+            await _close(websocket, CloseCode.TRY_AGAIN_LATER, "server full")
+            return
         lease = await hub.limits.add_connection(principal.user)
         if lease is None:
             metrics.closes.labels("user_connections").inc()
@@ -128,6 +139,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             with anyio.CancelScope(shield=True):
                 await lease.release()
     finally:
+        if pending:
+            hub.pending_auth -= 1
         hub.socket_closed()
 
 

@@ -84,6 +84,8 @@ class Hub:
         self.generations: dict[tuple[str, str], Generation] = {}
         self.rooms: dict[str, set[Member]] = {}
         self.open_sockets = 0
+        # Of those, the ones still waiting for their first-message authentication.
+        self.pending_auth = 0
         self.draining = False
         self._task_group: anyio.abc.TaskGroup | None = None
         self._no_generations = anyio.Event()

@@ -3,6 +3,7 @@ reader, and the per-connection generation limit counting every kind of stream.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.backends.synthetic import synthetic_tokens
 from tests.conftest import Serve
@@ -151,3 +153,23 @@ async def test_resumes_and_room_generations_count_toward_the_connection_limit(se
         await first.send(json.dumps({"type": "generate", "id": "r2", "room": "den", "prompt": "d", "max_tokens": 9}))
         refused = (await recv_until(first, lambda f: f["type"] == "error"))[-1]
         assert (refused["code"], refused["id"]) == ("too_many_streams", "r2")
+
+
+async def test_strangers_waiting_to_authenticate_cannot_lock_users_out(serve: Serve) -> None:
+    server = serve(max_pending_auth=20, max_connections=30, auth_timeout_s=60)
+    async with contextlib.AsyncExitStack() as strangers:
+        refused = 0
+        for _ in range(40):  # twice the cap, no credentials: they would authenticate by message
+            try:
+                await strangers.enter_async_context(
+                    connect(server.url, open_timeout=15, ping_interval=None))
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 503
+                refused += 1
+        assert refused == 20
+        assert server.metric('gateway_closes_total{reason="pending_auth_full"}') == 20
+        # Neither the cap on waiting sockets nor the connection limit keeps a user out.
+        async with connected(server, mint("ike")) as user:
+            await user.send(json.dumps({"type": "generate", "id": "in", "prompt": "still here"}))
+            frames = await recv_until(user, terminal_for("in"))
+        assert stream_text(frames, "in") == "still here"
