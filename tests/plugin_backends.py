@@ -107,3 +107,13 @@ class UsageBackend(_Base):
         for index in range(request.max_tokens):
             yield TokenChunk(f"w{index} ")
         yield FinishChunk("length", prompt_tokens=7, completion_tokens=2 * request.max_tokens)
+
+
+class BrokenAtStart(_Base):
+    """A backend that cannot start (a model that will not load): a worker using it dies."""
+
+    async def start(self) -> None:
+        raise RuntimeError("the model cannot be loaded")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        yield FinishChunk("stop")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,23 @@ def test_several_workers_need_redis() -> None:
     )
     assert result.returncode != 0
     assert "GATEWAY_REDIS_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_worker_that_dies_at_start_is_restarted_with_backoff_then_given_up_on() -> None:
+    require_redis()
+    env = {**cluster_env(), "GATEWAY_BACKEND": "tests.plugin_backends:BrokenAtStart", "GATEWAY_PORT": "0",
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--workers", "2"], env=env,
+                            capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    took = time.monotonic() - started
+    assert result.returncode != 0
+    assert "died at start 5 times in a row" in result.stderr
+    # Each worker's restarts back off 0.5, 1, 2, 4 s; the first to die a fifth time ends it.
+    delays = [float(d) for d in re.findall(r"starting another in ([0-9.]+)s", result.stderr)]
+    assert set(delays) == {0.5, 1.0, 2.0, 4.0} and all(delays.count(d) <= 2 for d in set(delays))
+    assert took >= 0.5 + 1.0 + 2.0 + 4.0
+    assert result.stderr.count("the model cannot be loaded") >= 5  # each worker logged why
 
 
 async def test_workers_share_one_port_and_resume_across_them() -> None:
