@@ -165,6 +165,27 @@ async def test_model_allowlist(upstream: FakeUpstream) -> None:
         assert error is None and upstream.last().body["model"] == "small"
 
 
+async def test_by_default_a_client_may_name_only_the_configured_model(upstream: FakeUpstream) -> None:
+    async with started(settings_for(upstream, openai_model="m-default")) as backend:
+        _, _, error = await collect(backend, request(model="gpt-costly"))
+        assert error is not None and error.code is ErrorCode.BAD_REQUEST
+        assert "'gpt-costly' is not available" in error.message and "m-default" in error.message
+        _, _, error = await collect(backend, request(model="m-default"))
+        assert error is None and upstream.last().body["model"] == "m-default"
+    async with started(settings_for(upstream)) as backend:  # no model configured: the server chooses
+        _, _, error = await collect(backend, request(model="anything"))
+        assert error is not None and error.code is ErrorCode.BAD_REQUEST
+        assert len(upstream.generation_requests()) == 1  # only the allowed request above went out
+
+
+async def test_a_star_lets_clients_name_any_model(upstream: FakeUpstream) -> None:
+    async with started(settings_for(upstream, openai_models="*", openai_model="m-default")) as backend:
+        _, _, error = await collect(backend, request(model="whatever-they-like"))
+        assert error is None and upstream.last().body["model"] == "whatever-they-like"
+        _, _, error = await collect(backend, request())
+        assert error is None and upstream.last().body["model"] == "m-default"
+
+
 # Faults ----------------------------------------------------------------------------------------
 
 

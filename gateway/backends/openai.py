@@ -154,6 +154,8 @@ class OpenAIBackend:
         self._session: aiohttp.ClientSession | None = None
         self._url = openai.base_url + ("/chat/completions" if openai.api == "chat" else "/completions")
         self._models_url = openai.base_url + "/models"
+        # What a client may ask for: the list, or by default only the configured model.
+        self._allowed_models: list[str] = list(openai.models) or ([openai.model] if openai.model else [])
         key = openai.api_key.get_secret_value() if openai.api_key else ""
         self._headers = dict(openai.headers)
         if key:
@@ -217,9 +219,13 @@ class OpenAIBackend:
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
         o = self.openai
-        if request.model is not None and o.models and request.model not in o.models:
-            raise BadRequest(f"model {request.model!r} is not available; choose one of: {', '.join(o.models)}")
-        model = request.model or o.model or (o.models[0] if o.models else None)
+        model = request.model
+        if model is not None and model not in self._allowed_models and "*" not in self._allowed_models:
+            # Upstreams bill by model: a client's choice is honoured only when the operator
+            # listed it (GATEWAY_OPENAI_MODELS), or it is the configured model.
+            allowed = ", ".join(self._allowed_models) or "none: the server chooses the model"
+            raise BadRequest(f"model {model!r} is not available; allowed: {allowed}")
+        model = model or o.model or next((m for m in o.models if m != "*"), None)
         body: dict[str, Any] = {"stream": True, "max_tokens": request.max_tokens}
         if model:
             body["model"] = model
