@@ -39,7 +39,7 @@ from gateway.metrics import Metrics
 from gateway.supervise import supervise
 from gateway.wire.coalesce import End, Frame, OutItem, Start, StreamRef, Token
 from gateway.wire.codes import ErrorCode
-from gateway.wire.errors import GatewayError
+from gateway.wire.errors import RetryLater
 from gateway.wire.outbound import encode_broadcast, encode_presence
 
 logger = logging.getLogger("gateway.hub")
@@ -291,4 +291,4 @@ async def publish_or_unavailable(hub: Hub, message: ControlMessage) -> None:
     try:
         await hub.publish(message)
     except Exception:
-        raise GatewayError("the cluster is unreachable right now; try again", code=ErrorCode.INTERNAL) from None
+        raise RetryLater("the cluster is unreachable right now; try again") from None

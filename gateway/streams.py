@@ -29,7 +29,7 @@ from gateway.hub import Hub, publish_or_unavailable
 from gateway.outbox import Outbox
 from gateway.wire.coalesce import End, Start, StreamRef, Token
 from gateway.wire.codes import ErrorCode
-from gateway.wire.errors import GatewayError
+from gateway.wire.errors import GatewayError, RetryLater
 from gateway.wire.events import Failed
 from gateway.wire.inbound import GenerateMessage
 
@@ -120,7 +120,7 @@ class Streams:
                 raise
             logger.warning("conn=%s stream=%s stream store create failed: %s", host.session_id, stream_id,
                            type(exc).__name__)
-            raise GatewayError("the stream store is unavailable; try again", code=ErrorCode.INTERNAL) from None
+            raise RetryLater("the stream store is unavailable; try again") from None
         if not created:
             await lease.release()
             raise GatewayError("this id was used recently; pick another or resume it", code=ErrorCode.DUPLICATE_ID)
@@ -198,8 +198,7 @@ class Streams:
         try:
             return await self.host.hub.store.get(self.host.user, stream_id)
         except Exception:
-            raise GatewayError("the stream store is unreachable right now; try again",
-                               code=ErrorCode.INTERNAL) from None
+            raise RetryLater("the stream store is unreachable right now; try again") from None
 
     async def _send_terminal_when_finished(self, generation: Generation) -> None:
         await generation.finished.wait()

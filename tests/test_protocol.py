@@ -153,3 +153,14 @@ def test_coalesce_never_loses_reorders_or_duplicates(tokens: list[tuple[int, str
         assert seq_values == sorted(set(seq_values))
         if frames:
             assert seq_values[-1] == seqs[index] - 1
+
+
+def test_docs_list_every_error_code_and_whether_it_is_worth_retrying() -> None:
+    from gateway.wire.codes import RETRYABLE_ERRORS
+    from tests.support import ROOT
+
+    text = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    table = text[text.index("| code | meaning | worth retrying |"):].split("\n\n")[0]
+    rows = [line.split("|") for line in table.splitlines()[2:]]
+    documented = {cells[1].strip().strip("`"): cells[3].strip().startswith("yes") for cells in rows}
+    assert documented == {str(code): code in RETRYABLE_ERRORS for code in ErrorCode}

@@ -185,6 +185,11 @@ async def test_redis_restart(tmp_path: Path) -> None:
                 # Client and producer share process A: the stream keeps flowing without Redis.
                 frames += await recv_until(ws, terminal_for("local"), timeout=20)
                 assert stream_text(frames, "local") == "".join(synthetic_tokens("p", 600))
+                # A new generation needs the store: refused as worth retrying, not as a bug.
+                await ws.send(json.dumps({"type": "generate", "id": "later", "prompt": "p"}))
+                refused = (await recv_until(ws, lambda f: f["type"] == "error", timeout=20))[-1]
+                assert (refused["id"], refused["code"]) == ("later", "unavailable")
+                assert refused["retry_after_s"] > 0
                 redis_server.start()
                 with anyio.fail_after(15):
                     while (await http.get(f"{a.http}/readyz")).json().get("status") != "ready":

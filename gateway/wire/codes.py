@@ -20,7 +20,21 @@ class ErrorCode(StrEnum):
     BACKEND_TIMEOUT = "backend_timeout"
     SHUTTING_DOWN = "shutting_down"
     TOKEN_EXPIRED = "token_expired"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+
+
+# Error codes worth sending the same request again for, after ``retry_after_s`` when the
+# frame has one, else with backoff. Every other code means the request itself must change
+# (or, for ``internal``, that the server has a bug).
+RETRYABLE_ERRORS = frozenset({
+    ErrorCode.TOO_MANY_STREAMS,  # once one of yours ends
+    ErrorCode.RATE_LIMITED,
+    ErrorCode.BACKEND_ERROR,
+    ErrorCode.BACKEND_TIMEOUT,
+    ErrorCode.SHUTTING_DOWN,  # on another process (reconnect)
+    ErrorCode.UNAVAILABLE,
+})
 
 
 class CloseCode(IntEnum):

@@ -38,6 +38,16 @@ class RateLimited(GatewayError):
         super().__init__(message, retry_after_s=round(retry_after_s, 3))
 
 
+class RetryLater(GatewayError):
+    """A part the gateway depends on (the cluster store, its backplane) is unreachable
+    right now: the request was fine, and is worth sending again after ``retry_after_s``."""
+
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s=round(retry_after_s, 3))
+
+
 class BackendError(GatewayError):
     code = ErrorCode.BACKEND_ERROR
 
