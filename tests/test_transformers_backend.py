@@ -83,3 +83,28 @@ def test_streamer_never_splits_a_character(tiny_model_dir: Path) -> None:
     streamer.end()
     assert "".join(pieces) == text
     assert len(pieces) > 5 and not any("\ufffd" in piece for piece in pieces)
+
+
+async def test_the_prompt_is_tokenised_off_the_loop(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from gateway.backends import GenerationRequest, load_backend
+    from gateway.backends.transformers import TransformersBackend
+
+    encoded_in: list[threading.Thread] = []
+    encode = TransformersBackend.encode
+
+    def recording_encode(self: TransformersBackend, request: GenerationRequest) -> object:
+        encoded_in.append(threading.current_thread())
+        return encode(self, request)
+
+    monkeypatch.setattr(TransformersBackend, "encode", recording_encode)
+    backend = load_backend(settings_for(tiny_model_dir))  # type: ignore[arg-type]
+    await backend.start()
+    try:
+        chunks = [chunk async for chunk in backend.stream(GenerationRequest(id="t", user="u", max_tokens=3,
+                                                                            prompt="hello there"))]
+    finally:
+        await backend.aclose()
+    assert chunks
+    assert encoded_in and encoded_in[0] is not threading.current_thread()

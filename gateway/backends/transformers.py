@@ -211,7 +211,9 @@ class TransformersBackend:
             raise BackendError("the local model is not loaded")
         await self.admission.acquire()
         try:
-            inputs = self.encode(request)
+            # A long prompt and its chat template take milliseconds to tokenise: not on the
+            # event loop, where every other connection waits for it.
+            inputs = await anyio.to_thread.run_sync(self.encode, request)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             send, receive = anyio.create_memory_object_stream[str](BUFFER_TOKENS)
             stop = threading.Event()
