@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from typing import Any
 
@@ -173,3 +174,22 @@ async def test_strangers_waiting_to_authenticate_cannot_lock_users_out(serve: Se
             await user.send(json.dumps({"type": "generate", "id": "in", "prompt": "still here"}))
             frames = await recv_until(user, terminal_for("in"))
         assert stream_text(frames, "in") == "still here"
+
+
+@pytest.mark.parametrize("auth", ["header", "query", "subprotocol", "message"])
+async def test_the_python_client_logs_no_credential_even_at_debug(
+        serve: Serve, auth: str, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.client import GatewayClient
+
+    server = serve()
+    token = mint("jan")
+    with caplog.at_level(logging.DEBUG):
+        async with GatewayClient(server.url, token, auth=auth) as client:  # type: ignore[arg-type]
+            answer = await client.generate("a secret prompt")
+            assert "".join([text async for text in answer]) == "a secret prompt"
+    # The client's own records (the server in this test's thread logs apart, redacted by its
+    # own logging configuration, which ServerThread does not install).
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.name == "gateway.client")
+    assert "GET /ws" in logged  # the handshake was logged, redacted
+    assert token not in logged and token.split(".")[2] not in logged
+    assert "a secret prompt" not in logged

@@ -22,11 +22,16 @@ from websockets.typing import Subprotocol
 from gateway.client.generation import Generation
 from gateway.client.streams import Delivery, Streams, StreamState, dumps
 from gateway.client.types import AuthMode, GatewayError, State, StateChange, TokenSource
+from gateway.logs import RedactingFilter
 from gateway.wire import BEARER_SUBPROTOCOL_PREFIX, PROTOCOL
 from gateway.wire.codes import CloseCode, describe_close, should_reconnect
 from gateway.wire.peer import decode_server_frame
 
 logger = logging.getLogger("gateway.client")
+# The websockets library logs through this logger too (it is passed to connect), and at
+# DEBUG it logs the handshake's headers, URL and subprotocols, and every frame: credentials
+# are redacted from every record, and data frames (prompts, answers) are not logged.
+logger.addFilter(RedactingFilter())
 
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
