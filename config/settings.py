@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     jwt_public_key: str | None = None
     jwt_jwks_url: str | None = None
     jwt_jwks_cache_s: float = Field(default=300.0, gt=0)
+    jwt_jwks_min_refetch_s: float = Field(default=30.0, ge=0)
+    jwt_jwks_timeout_s: float = Field(default=5.0, gt=0)
     jwt_algorithms: CommaList = ["HS256"]
     jwt_audience: str | None = None
     jwt_issuer: str | None = None

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -18,8 +19,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from config import Settings
 from gateway.auth import JWTAuthenticator, extract_credentials, origin_allowed
+from gateway.backends.synthetic import synthetic_tokens
 from gateway.wire.errors import AuthError
-from tests.support import SECRET, Serve, connected, make_settings, mint, recv_json, ws_connect
+from tests.support import (
+    SECRET,
+    Serve,
+    connected,
+    make_settings,
+    mint,
+    recv_json,
+    recv_until,
+    stream_text,
+    terminal_for,
+    ws_connect,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -260,3 +273,129 @@ async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str, serve: Se
                                                          headers={"kid": f"made-up-{attempt}"})):
                 pass
     assert len(JWKS_HITS) == hits
+
+
+class IdentityProvider:
+    """A JWKS endpoint the test controls: which keys it publishes, and whether it hangs."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, rsa.RSAPrivateKey] = {}
+        self.fetches = 0
+        self.hang = threading.Event()
+        self.released = threading.Event()
+        provider = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                provider.fetches += 1
+                if provider.hang.is_set():
+                    provider.released.wait(30)
+                    return
+                jwks = []
+                for kid, key in provider.keys.items():
+                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+                    jwk.update({"kid": kid, "use": "sig", "alg": "RS256"})
+                    jwks.append(jwk)
+                body = json.dumps({"keys": jwks}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+
+    def rotate_in(self, kid: str) -> rsa.RSAPrivateKey:
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return self.keys[kid]
+
+    def token(self, kid: str, sub: str = "kim", key: rsa.RSAPrivateKey | None = None) -> str:
+        payload = {"sub": sub, "exp": int(time.time()) + 600}
+        return jwt.encode(payload, key or self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def provider() -> Iterator[IdentityProvider]:
+    idp = IdentityProvider()
+    thread = threading.Thread(target=idp.httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield idp
+    finally:
+        idp.released.set()
+        idp.httpd.shutdown()
+        idp.httpd.server_close()
+
+
+async def test_a_rotated_key_is_accepted_without_a_restart(provider: IdentityProvider, serve: Serve) -> None:
+    provider.rotate_in("k1")
+    server = serve(jwt_secret=None, jwt_jwks_url=provider.url, jwt_algorithms=["RS256"])
+    async with connected(server, provider.token("k1", "old")) as ws:
+        assert ws.hello["user"] == "old"
+    provider.rotate_in("k2")  # the identity provider rotates; the gateway's cache has only k1
+    users: list[str] = []
+
+    async def arrive(index: int) -> None:
+        async with connected(server, provider.token("k2", f"new-{index}")) as ws:
+            users.append(ws.hello["user"])
+
+    # Many clients with the new key at once: one refetch, and every one of them gets in.
+    fetches = provider.fetches
+    async with anyio.create_task_group() as tg:
+        for index in range(20):
+            tg.start_soon(arrive, index)
+    assert sorted(users) == sorted(f"new-{index}" for index in range(20))
+    assert provider.fetches - fetches == 1
+
+
+async def test_random_key_ids_cause_at_most_one_fetch(provider: IdentityProvider, serve: Serve) -> None:
+    provider.rotate_in("k1")
+    server = serve(jwt_secret=None, jwt_jwks_url=provider.url, jwt_algorithms=["RS256"],
+                   jwt_jwks_min_refetch_s=60)
+    async with connected(server, provider.token("k1")):
+        pass
+    fetches = provider.fetches
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    refused = 0
+
+    async def attempt(index: int) -> None:
+        nonlocal refused
+        try:
+            async with ws_connect(server.url, provider.token(f"random-{index}", key=stranger)):
+                pass
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 403
+            refused += 1
+
+    async with anyio.create_task_group() as tg:
+        for index in range(100):
+            tg.start_soon(attempt, index)
+    assert refused == 100
+    assert provider.fetches - fetches <= 1
+
+
+async def test_a_hanging_jwks_endpoint_fails_only_the_handshakes_that_need_it(
+        provider: IdentityProvider, serve: Serve) -> None:
+    provider.rotate_in("k1")
+    server = serve(jwt_secret=None, jwt_jwks_url=provider.url, jwt_algorithms=["RS256"], jwt_jwks_timeout_s=1,
+                   jwt_jwks_min_refetch_s=0, backend="synthetic", synthetic_tokens_per_s=50, synthetic_ttft_ms=0)
+    async with connected(server, provider.token("k1", "streamer")) as streaming:
+        await streaming.send(json.dumps({"type": "generate", "id": "on", "prompt": "p", "max_tokens": 100}))
+        provider.hang.set()
+        started = anyio.current_time()
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server.url, provider.token("k9", key=provider.rotate_in("k9"))):
+                pass
+        waited = anyio.current_time() - started
+        assert refused.value.response.status_code == 403
+        assert waited < 1 + 3  # the fetch's timeout, and some slack for a busy machine
+        # A token whose key is cached still gets in while the endpoint hangs.
+        async with connected(server, provider.token("k1", "late")) as late:
+            assert late.hello["user"] == "late"
+        frames = await recv_until(streaming, terminal_for("on"), timeout=10)
+    assert stream_text(frames, "on") == "".join(synthetic_tokens("p", 100))
+    assert server.metric('gateway_auth_failures_total{reason="jwks_unavailable"}') == 1

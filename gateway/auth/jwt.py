@@ -9,7 +9,9 @@ leeway. Error messages name the reason, never the token or a key.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,8 +28,9 @@ logger = logging.getLogger("gateway.auth")
 
 _HMAC = {"HS256", "HS384", "HS512"}
 
-# The least time between two JWKS fetches caused by an unknown key id.
-JWKS_REFRESH_MIN_S = 30.0
+# Verifications that may wait on the JWKS endpoint at once: a hanging endpoint holds at
+# most this many worker threads, and never the ones other work (a backend) needs.
+JWKS_THREADS = 16
 
 
 class JWTAuthenticator:
@@ -39,7 +42,11 @@ class JWTAuthenticator:
         self.algorithms = list(settings.jwt_algorithms)
         self.generated_dev_secret = False
         self._jwks_client: jwt.PyJWKClient | None = None
-        self._jwks_refreshed_at = -JWKS_REFRESH_MIN_S
+        # When an unknown key id last refetched the key set; the lock makes concurrent
+        # handshakes with unknown ids cause one fetch, not one each.
+        self._jwks_refreshed_at = -math.inf
+        self._jwks_refresh = threading.Lock()
+        self._jwks_threads: anyio.CapacityLimiter | None = None
         secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         if not settings.has_jwt_key:
             if settings.env == "production":
@@ -55,7 +62,8 @@ class JWTAuthenticator:
         self._public_key = settings.jwt_public_key
         if settings.jwt_jwks_url:
             self._jwks_client = jwt.PyJWKClient(
-                settings.jwt_jwks_url, cache_keys=True, lifespan=int(settings.jwt_jwks_cache_s), timeout=5
+                settings.jwt_jwks_url, cache_keys=True, lifespan=int(settings.jwt_jwks_cache_s),
+                timeout=settings.jwt_jwks_timeout_s,
             )
 
     def mint(self, sub: str, ttl_s: float = 3600.0, **claims: Any) -> str:
@@ -85,9 +93,9 @@ class JWTAuthenticator:
         raise AuthError("bad_algorithm", "token algorithm is not accepted")
 
     def _jwks_key(self, kid: object) -> Any:
-        """The key for ``kid`` from the cached JWKS. An unknown kid refetches the set at most
-        once per JWKS_REFRESH_MIN_S, so tokens with made-up kids cannot make the gateway
-        hammer the identity provider."""
+        """The key for ``kid`` from the cached JWKS. An unknown kid (a rotated key) refetches
+        the set, at most once per ``GATEWAY_JWT_JWKS_MIN_REFETCH_S``, so tokens with made-up
+        kids cannot make the gateway hammer the identity provider."""
         assert self._jwks_client is not None
 
         def find(keys: list[jwt.PyJWK]) -> Any:
@@ -95,10 +103,14 @@ class JWTAuthenticator:
 
         try:
             key = find(self._jwks_client.get_signing_keys())
-            now = time.monotonic()
-            if key is None and now - self._jwks_refreshed_at >= JWKS_REFRESH_MIN_S:
-                self._jwks_refreshed_at = now
-                key = find(self._jwks_client.get_signing_keys(refresh=True))
+            if key is None:
+                with self._jwks_refresh:
+                    # Another handshake may have refetched while this one waited.
+                    key = find(self._jwks_client.get_signing_keys())
+                    now = time.monotonic()
+                    if key is None and now - self._jwks_refreshed_at >= self.settings.jwt_jwks_min_refetch_s:
+                        self._jwks_refreshed_at = now
+                        key = find(self._jwks_client.get_signing_keys(refresh=True))
         except jwt.PyJWKClientConnectionError:
             raise AuthError("jwks_unavailable", "signing keys are unavailable") from None
         except jwt.PyJWKClientError:
@@ -152,5 +164,7 @@ class JWTAuthenticator:
     async def verify(self, token: str) -> Principal:
         if self._jwks_client is not None:
             # PyJWKClient fetches with blocking I/O: keep it off the event loop.
-            return await anyio.to_thread.run_sync(self._verify_sync, token)
+            if self._jwks_threads is None:
+                self._jwks_threads = anyio.CapacityLimiter(JWKS_THREADS)
+            return await anyio.to_thread.run_sync(self._verify_sync, token, limiter=self._jwks_threads)
         return self._verify_sync(token)
