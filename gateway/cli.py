@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from config import Settings
+from gateway.client.types import TokenSource
 
 
 def _settings(**overrides: object) -> Settings:
@@ -54,8 +55,9 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_token(args: argparse.Namespace) -> str | None:
-    """The token for ``gateway chat``: --token, or in development one minted from the local key."""
+def _chat_token(args: argparse.Namespace) -> TokenSource | None:
+    """The token for ``gateway chat``: --token, or in development one minted from the local
+    key, anew on each connect, so an answer outlives a token that expires (close 4001)."""
     if args.token:
         return str(args.token)
     from gateway.auth import JWTAuthenticator
@@ -68,9 +70,10 @@ def _chat_token(args: argparse.Namespace) -> str | None:
             "gateway chat: pass --token <jwt> (gateway serve logs a development token), or set "
             "GATEWAY_JWT_SECRET (the server's HMAC secret, in development) to mint one here"
         )
-    print(f"[no --token: minted a development token for user {args.user!r} from GATEWAY_JWT_SECRET]",
-          file=sys.stderr)
-    return JWTAuthenticator(settings).mint(args.user, ttl_s=args.ttl)
+    print(f"[no --token: minted a development token for user {args.user!r} from GATEWAY_JWT_SECRET, "
+          "and a fresh one on each reconnect]", file=sys.stderr)
+    authenticator = JWTAuthenticator(settings)
+    return lambda: authenticator.mint(args.user, ttl_s=args.ttl)
 
 
 def _chat(args: argparse.Namespace) -> int:

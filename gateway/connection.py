@@ -256,7 +256,8 @@ class Connection:
 
     async def _close_gracefully(self, decision: CloseDecision) -> None:
         with anyio.move_on_after(GRACEFUL_FLUSH_TIMEOUT_S):
-            await self.streams.end_all(decision.terminal)
+            if not decision.keep_generations:
+                await self.streams.end_all(decision.terminal)
             for failed in decision.final:
                 await self.outbox.send_queued(Frame(None, encode_failure(None, failed)))
             await self.outbox.close_and_flush()

@@ -232,7 +232,7 @@ async def test_a_refused_token_is_never_retried(auth: Any) -> None:
 
 @slow
 @anyio_mark
-async def test_token_expiry_ends_the_answer_reports_the_error_and_does_not_reconnect() -> None:
+async def test_with_a_fixed_token_expiry_ends_the_answer_and_does_not_reconnect() -> None:
     errors: list[dict[str, Any]] = []
     changes: list[StateChange] = []
     with ServerThread(paced(synthetic_tokens_per_s=20, jwt_leeway_s=0)) as server:
@@ -243,10 +243,33 @@ async def test_token_expiry_ends_the_answer_reports_the_error_and_does_not_recon
                 terminal = await answer.result()
                 while not client.closed:
                     await client.state_changed()
-    assert terminal["type"] == "error" and terminal["code"] == "token_expired"
+    # A string cannot be renewed: the answer ends here, though the server keeps it resumable.
+    assert terminal["type"] == "error" and terminal["code"] == DISCONNECTED
     assert [e["code"] for e in errors] == ["token_expired"]
-    assert changes[-1] == StateChange("closed", code=1008, reason="token expired", opened=True)
+    assert changes[-1] == StateChange("closed", code=4001, reason="token expired", opened=True)
     assert [c.state for c in changes].count("open") == 1
+
+
+@slow
+@anyio_mark
+async def test_an_answer_outlives_the_token_it_started_with() -> None:
+    minted: list[str] = []
+
+    def fresh_token() -> str:
+        minted.append(mint("ida", ttl=1.5))
+        return minted[-1]
+
+    settings = paced(synthetic_tokens_per_s=40, jwt_leeway_s=0, resume_grace_s=10)
+    with ServerThread(settings) as server:
+        async with GatewayClient(server.url, fresh_token) as client:
+            answer = await client.generate("outlive", max_tokens=160)  # 4 s: past two tokens
+            with anyio.fail_after(20):
+                text = "".join([piece async for piece in answer])
+                terminal = await answer.result()
+    assert terminal["type"] == "done" and terminal["finish_reason"] == "length"
+    assert text == "".join(synthetic_tokens("outlive", 160))
+    assert len(minted) >= 3  # it reconnected with a fresh token, twice or more
+    assert server.metric('gateway_closes_total{reason="token_expired"}') >= 2
 
 
 def readme_example() -> str:

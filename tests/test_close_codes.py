@@ -106,9 +106,38 @@ console.log(JSON.stringify(out));
     for code in codes:
         assert seen[str(code)] == {
             "protocols": [PROTOCOL, BEARER_SUBPROTOCOL_PREFIX + "t0k"],
-            "state": "reconnecting" if should_reconnect(code) else "closed",
+            # An expired token (4001) cannot be renewed from a fixed string: the SDK stops.
+            "state": "reconnecting" if should_reconnect(code) and code != 4001 else "closed",
             "code": code,
         }, code
+
+
+def test_the_browser_client_reconnects_after_4001_with_a_token_function_asking_it_again() -> None:
+    seen = run_module("""
+let made;
+class FakeSocket {
+  constructor(url, protocols) { this.url = String(url); this.protocols = protocols; this.readyState = 1; made(this); }
+  send() {}
+  close() {}
+}
+let asked = 0;
+const token = async () => `fresh-${++asked}`;
+let socketMade = new Promise((resolve) => { made = resolve; });
+const client = sdk.connect({ url: "ws://gateway.invalid/ws", token, WebSocket: FakeSocket, minBackoffMs: 1 });
+const states = [];
+client.addEventListener("state", (event) => states.push(event.detail.state));
+const first = await socketMade;
+socketMade = new Promise((resolve) => { made = resolve; });
+first.onmessage({ data: JSON.stringify({ type: "hello", user: "u" }) });
+first.onclose({ code: 4001, reason: "token expired" });
+const second = await socketMade;
+client.close();
+console.log(JSON.stringify({ states, first: first.protocols, second: second.protocols, asked }));
+""")
+    assert "reconnecting" in seen["states"]
+    assert seen["first"] == [PROTOCOL, BEARER_SUBPROTOCOL_PREFIX + "fresh-1"]
+    assert seen["second"] == [PROTOCOL, BEARER_SUBPROTOCOL_PREFIX + "fresh-2"]
+    assert seen["asked"] == 2
 
 
 def test_the_protocol_doc_lists_every_close_code_with_its_retry_policy() -> None:

@@ -72,11 +72,11 @@ def test_a_full_queue_for_the_timeout_is_a_slow_consumer() -> None:
     assert SLOW_CONSUMER.code == CloseCode.SLOW_CONSUMER and not SLOW_CONSUMER.graceful
 
 
-def test_token_expiry_is_a_graceful_close_with_the_error_frame_first() -> None:
+def test_token_expiry_is_a_graceful_close_that_keeps_the_generations() -> None:
     state = state_at(token_expires_at=7.0)
     assert state.on_deadline(7.0).close is TOKEN_EXPIRED
-    assert TOKEN_EXPIRED.graceful and TOKEN_EXPIRED.terminal is not None
-    assert TOKEN_EXPIRED.terminal.code == ErrorCode.TOKEN_EXPIRED
+    assert TOKEN_EXPIRED.code == CloseCode.TOKEN_EXPIRED and int(CloseCode.TOKEN_EXPIRED) == 4001
+    assert TOKEN_EXPIRED.graceful and TOKEN_EXPIRED.keep_generations and TOKEN_EXPIRED.terminal is None
     assert [f.code for f in TOKEN_EXPIRED.final] == [ErrorCode.TOKEN_EXPIRED]
 
 

@@ -330,16 +330,24 @@ async def test_server_full_closes_1013_and_per_user_limit(serve: Serve) -> None:
 
 
 @pytest.mark.slow
-async def test_expired_token_ends_the_connection_with_1008(serve: Serve) -> None:
-    server = serve(backend=TICKING, jwt_leeway_s=0)
+async def test_expired_token_closes_4001_and_its_generation_runs_on_for_a_resume(serve: Serve) -> None:
+    server = serve(backend=TICKING, jwt_leeway_s=0, resume_grace_s=10)
     async with connected(server, mint(ttl=1.5)) as ws:
         await ws.send(json.dumps({"type": "generate", "id": "exp1", "prompt": "x", "max_tokens": 4000}))
         started = time.monotonic()
         with pytest.raises(ConnectionClosed) as info:
             await recv_until(ws, lambda f: False, timeout=5)
         elapsed = time.monotonic() - started
-    assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert info.value.rcvd is not None and info.value.rcvd.code == 4001
     assert elapsed < 3.0
+    # Detached, not cancelled: a fresh token resumes it.
+    assert server.metric("gateway_active_generations") == 1
+    async with connected(server, mint()) as again:
+        await again.send(json.dumps({"type": "resume", "id": "exp1", "after": 0}))
+        resumed = await recv_until(again, lambda f: f["type"] == "token" and f["id"] == "exp1")
+        assert resumed[0]["type"] == "start" and resumed[0]["resumed"] is True
+        await again.send(json.dumps({"type": "cancel", "id": "exp1"}))
+        await recv_until(again, terminal_for("exp1"))
     await wait_for(lambda: server.metric("gateway_active_generations") == 0)
 
 
@@ -348,9 +356,9 @@ async def test_expired_token_frames(serve: Serve) -> None:
     async with connected(serve(backend=TICKING, jwt_leeway_s=0), mint(ttl=1.5)) as ws:
         await ws.send(json.dumps({"type": "generate", "id": "exp2", "prompt": "x", "max_tokens": 4000}))
         frames = await recv_until(ws, lambda f: f["type"] == "error" and f["id"] is None, timeout=5)
-    generation_error = next(f for f in frames if f["type"] == "error" and f["id"] == "exp2")
-    assert generation_error["code"] == "token_expired"
-    assert frames[-1]["code"] == "token_expired"
+    # The generation is not ended for the client: it may resume it with a fresh token.
+    assert not [f for f in frames if f["type"] in ("error", "done") and f["id"] == "exp2"]
+    assert frames[-1]["code"] == "token_expired" and "resume" in frames[-1]["message"]
 
 
 async def test_an_internal_failure_closes_1011_not_1006(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:

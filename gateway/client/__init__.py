@@ -3,10 +3,11 @@ library; ``gateway chat`` (``chat``), a terminal chat on it; and ``static/``, th
 
 ``GatewayClient`` keeps one connection open and hides drops from its callers: it answers
 the server's pings, reconnects with exponential backoff and jitter (1 s up to 30 s, never
-after a close that retrying cannot fix, such as 1008), and on every reconnect resumes each
-running generation from the last ``seq`` it received. Guarantee to a caller iterating a
-``Generation``: each token's text is yielded exactly once and in order, across any number
-of reconnects, or the generation ends with an ``error`` terminal frame saying why not.
+after a close that retrying cannot fix, such as 1008, or 4001 without a token callable),
+and on every reconnect resumes each running generation from the last ``seq`` it received.
+Guarantee to a caller iterating a ``Generation``: each token's text is yielded exactly
+once and in order, across any number of reconnects, or the generation ends with an
+``error`` terminal frame saying why not.
 
     async with GatewayClient("ws://127.0.0.1:8000/ws", token) as client:
         answer = await client.generate("Hello there", max_tokens=64)

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import anyio
 
 from gateway.client import GatewayClient, GatewayError, Generation, StateChange, describe_close
+from gateway.client.types import TokenSource
 
 
 class LineReader:
@@ -157,7 +158,7 @@ class Chat:
             self.history += [turn, {"role": "assistant", "content": answer.text}]
 
 
-async def run_chat(url: str, token: str | None, *, auth: Any = "subprotocol", max_tokens: int | None = None,
+async def run_chat(url: str, token: TokenSource | None, *, auth: Any = "subprotocol", max_tokens: int | None = None,
                    stdin_fd: int | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr

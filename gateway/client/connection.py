@@ -256,7 +256,10 @@ class GatewayClient:
             if opened:
                 attempt = 0
             self.last_close = (code, reason)
-            final = fatal or not self.reconnect or not should_reconnect(code) or self._closing
+            # An expired token (4001) is worth a reconnect only with a token callable to get
+            # a fresh one from; the same string would be refused. Then the answers resume.
+            renewable = code != CloseCode.TOKEN_EXPIRED or callable(self._token)
+            final = fatal or not self.reconnect or not should_reconnect(code) or not renewable or self._closing
             self._deliver(self._streams.on_close(final, describe_close(code, reason) if final else ""))
             if final:
                 self._closing = True

@@ -22,7 +22,7 @@ K = TypeVar("K", bound=Hashable)
 class Due(Enum):
     SEND_PING = "send_ping"
     STALE = "stale"  # no sign of life for heartbeat_timeout_s: close 4000
-    TOKEN_EXPIRED = "token_expired"  # the credential ran out: error frame, close 1008
+    TOKEN_EXPIRED = "token_expired"  # the credential ran out: error frame, close 4001
     SLOW_CONSUMER = "slow_consumer"  # queue full for slow_consumer_timeout_s: close 4003
 
 

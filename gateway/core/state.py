@@ -48,12 +48,15 @@ class CloseDecision:
     reason: str = ""
     graceful: bool = False
     handshake: bool = False
+    # A graceful close that leaves the generations running, detached, for the client to
+    # resume when it reconnects (token expiry), instead of ending them with ``terminal``.
+    keep_generations: bool = False
     terminal: Failed | None = None
     final: tuple[Failed, ...] = ()
     metric: str | None = None
 
 
-TOKEN_EXPIRED_MESSAGE = "the access token has expired; reconnect with a new one"
+TOKEN_EXPIRED_MESSAGE = "the access token has expired; reconnect with a new one to resume your answers"
 SHUTTING_DOWN_MESSAGE = "the server is shutting down"
 
 SOCKET_GONE = CloseDecision(None)
@@ -61,8 +64,7 @@ INTERNAL_ERROR = CloseDecision(CloseCode.INTERNAL, "internal error")
 SLOW_CONSUMER = CloseDecision(CloseCode.SLOW_CONSUMER, "slow consumer", metric="slow_consumer")
 STALE = CloseDecision(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout", metric="stale")
 TOKEN_EXPIRED = CloseDecision(
-    CloseCode.POLICY, "token expired", graceful=True,
-    terminal=Failed(ErrorCode.TOKEN_EXPIRED, TOKEN_EXPIRED_MESSAGE),
+    CloseCode.TOKEN_EXPIRED, "token expired", graceful=True, keep_generations=True,
     final=(Failed(ErrorCode.TOKEN_EXPIRED, TOKEN_EXPIRED_MESSAGE),), metric="token_expired",
 )
 FLOOD = CloseDecision(CloseCode.POLICY, "too many frames for too long", handshake=True, metric="flood")

@@ -46,6 +46,7 @@ class CloseCode(IntEnum):
     INTERNAL = 1011
     TRY_AGAIN_LATER = 1013  # connection limit reached
     HEARTBEAT_TIMEOUT = 4000
+    TOKEN_EXPIRED = 4001  # reconnect with a fresh credential: the answers resume
     SLOW_CONSUMER = 4003
 
 
@@ -59,11 +60,12 @@ CLOSE_RULES: dict[int, CloseRule] = {
     CloseCode.NORMAL: CloseRule(False, "closed normally"),
     CloseCode.GOING_AWAY: CloseRule(True, "the server is shutting down"),
     CloseCode.ABNORMAL: CloseRule(True, "the connection dropped (network), or the server refused the handshake"),
-    CloseCode.POLICY: CloseRule(False, "authentication refused, token expired, or policy violated"),
+    CloseCode.POLICY: CloseRule(False, "authentication refused, or policy violated"),
     CloseCode.TOO_BIG: CloseRule(False, "a message was larger than the server accepts"),
     CloseCode.INTERNAL: CloseRule(True, "internal server error"),
     CloseCode.TRY_AGAIN_LATER: CloseRule(True, "the server is full or this user has too many connections"),
     CloseCode.HEARTBEAT_TIMEOUT: CloseRule(True, "heartbeat timeout: nothing was heard for too long"),
+    CloseCode.TOKEN_EXPIRED: CloseRule(True, "the access token expired: reconnect with a fresh one"),
     CloseCode.SLOW_CONSUMER: CloseRule(True, "slow consumer: messages were not read fast enough"),
 }
 

@@ -9,7 +9,7 @@
 // Guarantee: each token's text is yielded once and in order, across any number of
 // reconnects, or the generation ends with an "error" terminal frame saying why not. The
 // client reconnects with exponential backoff and jitter (1 s up to 30 s), never after a
-// close that retrying cannot fix (1000, 1008, 1009), and after each reconnect resumes every
+// close that retrying cannot fix (1000, 1008, 1009; 4001 with a fixed token), and after each reconnect resumes every
 // running generation from the last seq it received. Docs: docs/client-js.md.
 
 export const PROTOCOL = "gateway.v1";
@@ -30,11 +30,12 @@ export const CLOSE_RULES = {
   1000: { reconnect: false, meaning: "closed normally" },
   1001: { reconnect: true, meaning: "the server is shutting down" },
   1006: { reconnect: true, meaning: "the connection dropped (network), or the server refused the handshake" },
-  1008: { reconnect: false, meaning: "authentication refused, token expired, or policy violated" },
+  1008: { reconnect: false, meaning: "authentication refused, or policy violated" },
   1009: { reconnect: false, meaning: "a message was larger than the server accepts" },
   1011: { reconnect: true, meaning: "internal server error" },
   1013: { reconnect: true, meaning: "the server is full or this user has too many connections" },
   4000: { reconnect: true, meaning: "heartbeat timeout: nothing was heard for too long" },
+  4001: { reconnect: true, meaning: "the access token expired: reconnect with a fresh one" },
   4003: { reconnect: true, meaning: "slow consumer: messages were not read fast enough" },
 };
 
@@ -351,7 +352,10 @@ export class GatewayClient extends EventTarget {
     for (const g of this.generations.values()) g._resuming = false;
     this.lastClose = { code, reason };
     if (this._closed) return;
-    if (!this.reconnect || !shouldReconnect(code)) {
+    // An expired token (4001) is worth a reconnect only with a token function to get a
+    // fresh one from; the same string would be refused. Then the answers resume.
+    const renewable = code !== 4001 || typeof this.token === "function";
+    if (!this.reconnect || !shouldReconnect(code) || !renewable) {
       this._closed = true;
       this._endAll(describeClose(code, reason));
       this._setState({ state: "closed", code, reason, opened });
