@@ -193,3 +193,90 @@ async def test_the_python_client_logs_no_credential_even_at_debug(
     assert "GET /ws" in logged  # the handshake was logged, redacted
     assert token not in logged and token.split(".")[2] not in logged
     assert "a secret prompt" not in logged
+
+
+def close_code_of(client: RawClient, timeout: float = 5.0) -> int | None:
+    """Read until the server's close frame (or EOF); the close code it carried."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and client.protocol.close_rcvd is None:
+        try:
+            client.read_some()
+        except OSError:
+            break
+        if client.protocol.state.name == "CLOSED":
+            break
+    received = client.protocol.close_rcvd
+    return received.code if received is not None else None
+
+
+@pytest.mark.parametrize("shape", ["whole", "fragmented"])
+async def test_a_message_over_the_size_limit_closes_1009_whole_or_fragmented(serve: Serve, shape: str) -> None:
+    server = serve(max_message_bytes=1024)
+    client = RawClient(server.port, mint("kit"))
+    try:
+        body = json.dumps({"type": "generate", "prompt": "x" * 2000}).encode()
+        if shape == "whole":
+            client.protocol.send_text(body)
+        else:  # fragments each under the limit, the message over it
+            for start in range(0, len(body), 500):
+                piece = body[start:start + 500]
+                if start == 0:
+                    client.protocol.send_text(piece, fin=False)
+                else:
+                    client.protocol.send_continuation(piece, fin=start + 500 >= len(body))
+        client._flush()
+        assert await anyio.to_thread.run_sync(close_code_of, client) == 1009
+    finally:
+        client.close()
+
+
+async def test_compression_is_not_negotiated_so_a_size_limit_cannot_be_inflated_past(serve: Serve) -> None:
+    server = serve(max_message_bytes=1024)
+    async with connected(server, mint("lou"), compression="deflate") as ws:
+        # The server declines permessage-deflate: every frame is counted at its real size.
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+        await ws.send(json.dumps({"type": "generate", "prompt": "y" * 2000}))  # compressible, not compressed
+        with pytest.raises(ConnectionClosed) as info:
+            await recv_until(ws, lambda f: False)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_invalid_utf8_in_a_text_frame_closes_1007(serve: Serve) -> None:
+    from websockets.frames import Frame as WsFrame
+    from websockets.frames import Opcode
+
+    server = serve()
+    client = RawClient(server.port, mint("max"))
+    try:
+        client.protocol.send_frame(WsFrame(Opcode.TEXT, b'{"type":"ping","x":"\xff\xfe"}'))
+        client._flush()
+        assert await anyio.to_thread.run_sync(close_code_of, client) == 1007
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+async def test_a_peer_that_stops_reading_is_torn_down_and_its_generation_detached(serve: Serve) -> None:
+    server = serve(backend="synthetic", synthetic_tokens_per_s=0, synthetic_ttft_ms=0, max_tokens=200000,
+                   send_queue_size=8, socket_send_buffer_bytes=4096, slow_consumer_timeout_s=1,
+                   tcp_user_timeout_s=1, resume_grace_s=10)
+    stalled = RawClient(server.port, mint("ned"), recv_buffer=4096)  # reads nothing more: a zero window
+    try:
+        stalled.send_json({"type": "generate", "id": "big", "prompt": "z", "max_tokens": 200000})
+        started = time.monotonic()
+        with anyio.fail_after(1 + 1 + 5):  # the slow-consumer timeout, TCP_USER_TIMEOUT, slack
+            while server.metric("gateway_open_connections") > 0:
+                await anyio.sleep(0.05)
+        torn_down_after = time.monotonic() - started
+        assert server.metric('gateway_closes_total{reason="slow_consumer"}') == 1
+        # Detached, not cancelled: it runs on, and the user resumes it from another socket.
+        assert server.metric("gateway_active_generations") == 1
+        async with connected(server, mint("ned")) as again:
+            await again.send(json.dumps({"type": "resume", "id": "big", "after": -1}))
+            frames = await recv_until(again, lambda f: f["type"] == "token" and f["id"] == "big")
+            assert frames[0]["type"] == "start" and frames[0]["resumed"] is True
+            await again.send(json.dumps({"type": "cancel", "id": "big"}))
+            await recv_until(again, terminal_for("big"), timeout=30)
+    finally:
+        stalled.close()
+    assert torn_down_after < 7
