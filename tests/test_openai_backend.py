@@ -470,3 +470,12 @@ async def test_a_stale_close_closes_the_upstream_response(upstream: FakeUpstream
             assert server.metric('gateway_closes_total{reason="stale"}') == 1
         finally:
             client.close()
+
+
+async def test_an_endless_event_from_the_upstream_ends_with_backend_error(upstream: FakeUpstream) -> None:
+    # One event that never ends: data lines and no blank line. It must not grow without bound.
+    line = 'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n'
+    upstream.plans.append(Plan(kind="bytewise", body=line * 200))
+    async with started(settings_for(upstream, openai_max_event_bytes=2048)) as backend:
+        texts, _, error = await collect(backend, request())
+    assert texts == [] and error is not None and error.code is ErrorCode.BACKEND_ERROR

@@ -47,6 +47,14 @@ def test_clean_end_is_not_partial() -> None:
 
 
 def test_overlong_line_is_refused() -> None:
-    decoder = SSEDecoder(max_line_chars=16)
+    decoder = SSEDecoder(max_event_chars=16)
     with pytest.raises(SSEError):
         decoder.feed("data: " + "x" * 32)
+
+
+def test_an_event_of_many_short_lines_is_bounded_too() -> None:
+    decoder = SSEDecoder(max_event_chars=64)
+    assert decoder.feed("data: " + "x" * 40 + "\n\n") == [Event("x" * 40)]  # under the limit: fine
+    with pytest.raises(SSEError):
+        for _ in range(20):  # an event that never ends, one short line at a time
+            decoder.feed("data: abcdefgh\n")

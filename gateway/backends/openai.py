@@ -105,6 +105,8 @@ class OpenAISettings(BackendSettings):
     extra_headers: SecretStr | None = None
     max_connections: int = Field(default=100, ge=1)
     keepalive_s: float = Field(default=15.0, gt=0)
+    # The largest event the upstream may send; a larger one ends the stream with backend_error.
+    max_event_bytes: int = Field(default=1 << 20, ge=1024)
     # An HTTP proxy for upstream requests (https upstreams tunnel through it with CONNECT);
     # a secret, as its URL may carry credentials. The process environment's HTTP(S)_PROXY
     # and ~/.netrc are not consulted.
@@ -326,7 +328,7 @@ class OpenAIBackend:
         idle_s = self.settings.upstream_idle_timeout_s
         content = response.content
         text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(max_event_chars=self.openai.max_event_bytes)
         usage = _Usage()
         finish: str | None = None
         done = False

@@ -23,12 +23,16 @@ class SSEError(ValueError):
 
 
 class SSEDecoder:
-    def __init__(self, *, max_line_chars: int = 1 << 20) -> None:
+    """``max_event_chars`` bounds what one event may hold, its partial line included: an
+    upstream that never ends an event (or sends one endless line) cannot exhaust memory."""
+
+    def __init__(self, *, max_event_chars: int = 1 << 20) -> None:
         self._buffer = ""
         self._data: list[str] = []
+        self._data_chars = 0
         self._event = ""
         self._pending_cr = False
-        self._max_line_chars = max_line_chars
+        self._max_event_chars = max_event_chars
 
     def feed(self, text: str) -> list[Event]:
         if not text:
@@ -45,9 +49,10 @@ class SSEDecoder:
         # One split for the whole piece, however many events it holds.
         lines = buffer.split("\n")
         self._buffer = lines.pop()
-        if len(self._buffer) > self._max_line_chars:
-            raise SSEError(f"an event-stream line is longer than {self._max_line_chars} characters")
-        return [event for line in lines if (event := self._line(line)) is not None]
+        events = [event for line in lines if (event := self._line(line)) is not None]
+        if len(self._buffer) + self._data_chars > self._max_event_chars:
+            raise SSEError(f"an event-stream event is larger than {self._max_event_chars} characters")
+        return events
 
     @property
     def partial(self) -> bool:
@@ -62,6 +67,7 @@ class SSEDecoder:
                 return None
             event = Event("\n".join(self._data), self._event or "message")
             self._data = []
+            self._data_chars = 0
             self._event = ""
             return event
         if line.startswith(":"):
@@ -71,6 +77,9 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_chars += len(value) + 1
+            if self._data_chars > self._max_event_chars:
+                raise SSEError(f"an event-stream event is larger than {self._max_event_chars} characters")
         elif name == "event":
             self._event = value
         return None
