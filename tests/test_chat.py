@@ -151,3 +151,20 @@ def test_without_a_token_it_mints_one_in_development_or_says_what_to_do(terminal
                             env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "--token" in result.stderr and "GATEWAY_JWT_SECRET" in result.stderr
+
+
+def test_a_long_conversation_drops_its_oldest_exchanges_to_fit_the_prompt_limit(terminals: Any) -> None:
+    # Echo answers repeat the question: each exchange is twice its question's length.
+    with ServerThread(make_settings(max_prompt_chars=100)) as server:
+        chat = terminals(["chat", "--url", server.url, "--token", mint("dot")])
+        chat.expect(r"you> ")
+        for index, question in enumerate(["first question here", "second question here",
+                                          "the third question, longer"]):
+            if index == 2:  # 19 + 19 + 20 + 20 fit; with these 26 more the first exchange must go
+                assert "dropped" not in chat.output
+            chat.type(question + "\n")
+            chat.expect(r"ai> " + re.escape(question) + r"\n\[stop[^\]]*\]\nyou> ")
+        assert "dropped the 1 oldest exchange(s) to fit the server's prompt limit of 100" in chat.output
+        assert "prompt_too_long" not in chat.output
+        chat.type("\x04")
+        assert chat.wait() == 0

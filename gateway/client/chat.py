@@ -134,10 +134,29 @@ class Chat:
                 continue
             await self.answer(line)
 
+    def fit(self, turn: dict[str, str]) -> list[dict[str, str]]:
+        """The conversation to send: the oldest exchanges are dropped until it fits the
+        server's ``max_prompt_chars`` (from its hello), instead of the whole turn failing
+        with ``prompt_too_long`` once a long conversation outgrows it."""
+        limits = (self.client.hello or {}).get("limits") or {}
+        limit = limits.get("max_prompt_chars")
+        if not isinstance(limit, int):
+            return [*self.history, turn]
+        size = len(turn["content"]) + sum(len(message["content"]) for message in self.history)
+        dropped = 0
+        while self.history and size > limit:
+            exchange, self.history = self.history[:2], self.history[2:]  # a question and its answer
+            size -= sum(len(message["content"]) for message in exchange)
+            dropped += 1
+        if dropped:
+            self.notice(f"dropped the {dropped} oldest exchange(s) to fit the server's prompt limit of {limit} "
+                        "characters")
+        return [*self.history, turn]
+
     async def answer(self, prompt: str) -> None:
         turn = {"role": "user", "content": prompt}
         options: dict[str, Any] = {"max_tokens": self.max_tokens} if self.max_tokens else {}
-        answer = await self.client.generate(messages=[*self.history, turn], **options)
+        answer = await self.client.generate(messages=self.fit(turn), **options)
         self.current = answer
         self.cancelling = False
         self.out.write("ai> ")
