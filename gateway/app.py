@@ -4,6 +4,7 @@ and the FastAPI application that serves it. Nothing here reads the environment."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -113,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
+        metrics.tasks.set(len(asyncio.all_tasks()))
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     static = resources.files("gateway").joinpath("client", "static")  # package data of gateway.client

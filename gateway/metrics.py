@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -59,6 +59,10 @@ class Metrics:
             "gateway_gc_collected_objects_total", "Unreachable objects the garbage collector freed, by generation",
             ["generation"], registry=r,
         )
+        # process_open_fds, process_resident_memory_bytes, process_cpu_seconds_total, …
+        ProcessCollector(registry=r)
+        self.tasks = Gauge("gateway_event_loop_tasks", "Tasks on the event loop, counted when /metrics is read",
+                           registry=r)
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
         self.cluster_up = Gauge("gateway_cluster_up", "1 while the cluster store answers (always 1 for memory://)",
                                 registry=r)

@@ -11,13 +11,25 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.backends.synthetic import synthetic_tokens
 from tests.conftest import Serve
-from tests.support import ClientConnection, RawClient, connected, mint, recv_until, stream_text, terminal_for
+from tests.support import (
+    SECRET,
+    ClientConnection,
+    RawClient,
+    ServerProcess,
+    connected,
+    metric_value,
+    mint,
+    recv_until,
+    stream_text,
+    terminal_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -280,3 +292,56 @@ async def test_a_peer_that_stops_reading_is_torn_down_and_its_generation_detache
     finally:
         stalled.close()
     assert torn_down_after < 7
+
+
+async def scrape(server: ServerProcess, *names: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        text = (await http.get("/metrics")).text
+    return {name: metric_value(text, name) for name in names}
+
+
+@pytest.mark.slow
+async def test_twenty_seconds_of_churn_leave_no_descriptor_or_task_behind() -> None:
+    names = ("process_open_fds", "gateway_event_loop_tasks", "gateway_open_connections",
+             "gateway_active_generations")
+    env = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_WS_PING_INTERVAL_S": "0", "GATEWAY_BACKEND": "echo",
+           "GATEWAY_ECHO_DELAY_MS": "1", "GATEWAY_RESUME_GRACE_S": "0", "GATEWAY_USER_GENERATE_RATE_PER_S": "1000",
+           "GATEWAY_USER_GENERATE_BURST": "1000", "GATEWAY_MAX_CONNECTIONS_PER_USER": "1000"}
+    with ServerProcess(env) as server:
+        async with connected(server, mint("warm")) as ws:  # warm up: imports, pools, first connection
+            await ws.send(json.dumps({"type": "generate", "id": "w", "prompt": "warm up"}))
+            await recv_until(ws, terminal_for("w"))
+        baseline = await scrape(server, *names)
+        made = 0
+
+        async def churn(worker: int) -> None:
+            nonlocal made
+            deadline = anyio.current_time() + 20
+            while anyio.current_time() < deadline:
+                made += 1
+                kind = made % 3
+                if kind == 2:  # a client that vanishes mid-answer, without a close frame
+                    raw = RawClient(server.port, mint(f"u{worker}"))
+                    raw.send_json({"type": "generate", "prompt": "gone before the end of this answer"})
+                    raw.close()
+                    continue
+                async with connected(server, mint(f"u{worker}")) as ws:
+                    await ws.send(json.dumps({"type": "generate", "id": "c", "prompt": "churn churn churn"}))
+                    if kind == 0:
+                        await recv_until(ws, terminal_for("c"))
+                    # kind 1 closes cleanly mid-answer
+
+        async with anyio.create_task_group() as tg:
+            for worker in range(4):
+                tg.start_soon(churn, worker)
+        with anyio.fail_after(15):
+            while True:
+                after = await scrape(server, *names)
+                settled = after["gateway_open_connections"] == 0 and after["gateway_active_generations"] == 0
+                if settled and after["process_open_fds"] <= baseline["process_open_fds"] \
+                        and after["gateway_event_loop_tasks"] <= baseline["gateway_event_loop_tasks"]:
+                    break
+                await anyio.sleep(0.2)
+    assert made > 200
+    assert after["process_open_fds"] <= baseline["process_open_fds"]
+    assert after["gateway_event_loop_tasks"] <= baseline["gateway_event_loop_tasks"]
