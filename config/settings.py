@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "gw:"
     redis_max_connections: int = Field(default=64, ge=2)
     resume_ttl_s: float = Field(default=300.0, gt=0)
+    store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     resume_grace_s: float = Field(default=30.0, ge=0)
     node_ttl_s: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1)

@@ -103,6 +103,7 @@ class Hub:
         cluster = self.cluster
         cluster.health.on_change = lambda up: self.metrics.set_cluster_up(up)
         cluster.backplane.set_handler(self.handle_control)
+        self.metrics.store_evictions.read = lambda: float(cluster.store.evicted)
         await cluster.start(self._spawn_supervised)
         self.metrics.set_cluster_up(cluster.health.up)
         task_group.start_soon(supervise, "connection timer", self._run_timer)

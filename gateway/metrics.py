@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class _CountedElsewhere:
+    """A counter whose value another object keeps (read when the metrics are scraped)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read: Callable[[], float] = lambda: 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class Metrics:
@@ -63,6 +78,9 @@ class Metrics:
         ProcessCollector(registry=r)
         self.tasks = Gauge("gateway_event_loop_tasks", "Tasks on the event loop, counted when /metrics is read",
                            registry=r)
+        self.store_evictions = _CountedElsewhere(
+            "gateway_store_evictions", "Streams the memory store dropped before their TTL to stay within its budget")
+        r.register(self.store_evictions)
         self.draining = Gauge("gateway_draining", "1 while the server drains for shutdown", registry=r)
         self.cluster_up = Gauge("gateway_cluster_up", "1 while the cluster store answers (always 1 for memory://)",
                                 registry=r)

@@ -116,7 +116,7 @@ class Streams:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await lease.release()
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, GatewayError):
                 raise
             logger.warning("conn=%s stream=%s stream store create failed: %s", host.session_id, stream_id,
                            type(exc).__name__)

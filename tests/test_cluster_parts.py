@@ -252,3 +252,36 @@ async def test_backplane_delivers_every_message_typed_and_in_order(kind: str) ->
     finally:
         await cluster.aclose()
     assert [m for m in received if m != Cancel("probe", "probe")] == MESSAGES
+
+
+async def test_the_memory_store_keeps_to_its_budget_evicting_the_oldest_finished_first() -> None:
+    from gateway.cluster.memory import MemoryStreamStore
+
+    store = MemoryStreamStore(settings_for(store_max_bytes=64 * 1024))
+    text = "x" * 200  # 264 bytes a token stored, twice that while running
+    for index in range(20):
+        meta = StreamMeta(user="u1", id=f"s{index}", epoch="e", node="local", created_at=time.time() + index)
+        assert await store.create(meta)
+        await store.write(meta, TokenBatch(0, (text,) * 20))
+        await store.finish(meta, Done("stop"))
+        assert store.used_bytes <= store.max_bytes
+    assert store.evicted > 0
+    assert await store.get("u1", "s0") is None  # the oldest went first
+    assert await store.get("u1", "s19") is not None
+    kept = [m.id for m in await store.resumable("u1")]
+    assert kept == [f"s{i}" for i in range(20 - len(kept), 20)]
+
+
+async def test_when_running_streams_fill_the_memory_budget_new_ones_are_refused() -> None:
+    from gateway.cluster.memory import MemoryStreamStore
+
+    store = MemoryStreamStore(settings_for(store_max_bytes=64 * 1024))
+    running = 0
+    with pytest.raises(GatewayError) as full:
+        for index in range(100):
+            meta = StreamMeta(user="u1", id=f"r{index}", epoch="e", node="local", created_at=time.time())
+            await store.create(meta)
+            await store.write(meta, TokenBatch(0, ("y" * 500,) * 10))
+            running += 1
+    assert full.value.code == ErrorCode.TOO_MANY_STREAMS
+    assert 0 < running < 100 and store.evicted == 0  # nothing finished: nothing to evict

@@ -57,6 +57,9 @@ class StreamStore(Protocol):
     # The least time between two writes of one producing generation: how far a reader of
     # the store (a resume on another process) may lag behind the live stream.
     flush_interval_s: float
+    # Streams dropped before their TTL to stay within a memory budget (0 for a store
+    # without one).
+    evicted: int
 
     async def create(self, meta: StreamMeta) -> bool:
         """Claim (user, id). False when it is taken (running or still resumable)."""

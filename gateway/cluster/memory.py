@@ -64,10 +64,17 @@ class MemoryBackplane:
             self._handler(message)
 
 
+# What a kept token costs beyond its text: the str object and its slot in a list.
+TOKEN_BYTES = 64
+# What a stream costs before its first token.
+RECORD_BYTES = 512
+
+
 @dataclass(eq=False)
 class _Record:
     meta: StreamMeta
     tokens: list[str] = field(default_factory=list)
+    charged: int = RECORD_BYTES  # what this stream counts in the store's budget
     terminal: Terminal | None = None
     expires_at: float = float("inf")  # monotonic; set when the stream finishes
     # Created by the first follower that waits, so a write nobody waits for costs no event.
@@ -86,6 +93,12 @@ class MemoryStreamStore:
         self.ttl_s = settings.resume_ttl_s
         # A stream holds at most max_tokens tokens: the gateway stops a generation there.
         self.max_tokens = settings.max_tokens
+        # Every token kept here counts, twice while its generation runs (the generation
+        # keeps its own list, for resumes on this process). Past the budget the oldest
+        # finished streams go first; if running ones alone fill it, new ones are refused.
+        self.max_bytes = settings.store_max_bytes
+        self.used_bytes = 0
+        self.evicted = 0
         self._records: dict[tuple[str, str], _Record] = {}
         self._by_user: dict[str, dict[str, _Record]] = {}
         # Finished streams in finish order: every stream gets the same TTL, so they also
@@ -96,19 +109,28 @@ class MemoryStreamStore:
         self._records.clear()
         self._by_user.clear()
         self._expiry.clear()
+        self.used_bytes = 0
 
     def _purge(self) -> None:
+        """Drop the finished streams whose TTL ran out, then, while over the budget, the
+        oldest finished ones (a resume of those gets not_found, as after the TTL)."""
         now = time.monotonic()
         expiry = self._expiry
-        while expiry and expiry[0][0] <= now:
-            _, key, record = expiry.popleft()
+        while expiry and (expiry[0][0] <= now or self.used_bytes > self.max_bytes):
+            expires_at, key, record = expiry.popleft()
             if self._records.get(key) is record:
-                del self._records[key]
-                streams = self._by_user.get(key[0])
-                if streams is not None:
-                    streams.pop(key[1], None)
-                    if not streams:
-                        del self._by_user[key[0]]
+                self._drop(key, record)
+                if expires_at > now:
+                    self.evicted += 1
+
+    def _drop(self, key: tuple[str, str], record: _Record) -> None:
+        del self._records[key]
+        self.used_bytes -= record.charged
+        streams = self._by_user.get(key[0])
+        if streams is not None:
+            streams.pop(key[1], None)
+            if not streams:
+                del self._by_user[key[0]]
 
     def _live(self, user: str, stream_id: str) -> _Record | None:
         record = self._records.get((user, stream_id))
@@ -121,7 +143,11 @@ class MemoryStreamStore:
         key = (meta.user, meta.id)
         if self._live(meta.user, meta.id) is not None:
             return False
+        if self.used_bytes + RECORD_BYTES > self.max_bytes:
+            raise GatewayError("the server's stream memory is full with running answers; try again shortly",
+                               code=ErrorCode.TOO_MANY_STREAMS)
         record = _Record(meta)
+        self.used_bytes += RECORD_BYTES
         self._records[key] = record
         self._by_user.setdefault(meta.user, {})[meta.id] = record
         return True
@@ -142,7 +168,11 @@ class MemoryStreamStore:
             return
         if batch.first_seq != len(record.tokens):
             raise ValueError(f"batch starts at {batch.first_seq}, stream has {len(record.tokens)} tokens")
-        record.tokens.extend(batch.texts[: max(0, self.max_tokens - len(record.tokens))])
+        texts = batch.texts[: max(0, self.max_tokens - len(record.tokens))]
+        record.tokens.extend(texts)
+        cost = 2 * (sum(map(len, texts)) + TOKEN_BYTES * len(texts))
+        record.charged += cost
+        self.used_bytes += cost
         self._notify(record)
 
     async def touch(self, meta: StreamMeta) -> None:
@@ -154,8 +184,14 @@ class MemoryStreamStore:
             return
         record.terminal = terminal
         record.expires_at = time.monotonic() + self.ttl_s
+        # The generation's own copy of the tokens is gone with it: one copy counts now.
+        released = (record.charged - RECORD_BYTES) // 2
+        record.charged -= released
+        self.used_bytes -= released
         self._expiry.append((record.expires_at, (meta.user, meta.id), record))
         self._notify(record)
+        if self.used_bytes > self.max_bytes:
+            self._purge()
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
         record = self._records.get((meta.user, meta.id))

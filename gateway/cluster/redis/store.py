@@ -39,6 +39,8 @@ class RedisStreamStore:
     # One round trip per generation every 50 ms at most: a paced stream writes one entry per
     # interval, not one per token, and a resume elsewhere runs at most that far behind.
     flush_interval_s = 0.05
+    # Redis keeps its own memory (maxmemory and an eviction policy of its own).
+    evicted = 0
 
     def __init__(self, settings: Settings, context: RedisContext) -> None:
         self.ctx = context
