@@ -285,3 +285,18 @@ async def test_when_running_streams_fill_the_memory_budget_new_ones_are_refused(
             running += 1
     assert full.value.code == ErrorCode.TOO_MANY_STREAMS
     assert 0 < running < 100 and store.evicted == 0  # nothing finished: nothing to evict
+
+
+async def test_the_rate_buckets_of_users_who_went_quiet_are_dropped() -> None:
+    from gateway.cluster.memory import MemoryLimitStore
+
+    limits = MemoryLimitStore(settings_for(user_generate_rate_per_s=10000, user_generate_burst=1))
+    for index in range(100):  # users who generate once and leave (no connection of theirs stays)
+        await (await limits.acquire_generation(f"gone-{index}")).release()
+    with anyio.fail_after(5):
+        while not all(bucket.full(anyio.current_time()) for bucket in limits.buckets.values()):
+            await anyio.sleep(0.001)
+    for _ in range(60):  # someone keeps generating: each generate sweeps two of the oldest
+        await (await limits.acquire_generation("active")).release()
+        await anyio.sleep(0.0002)
+    assert not [user for user in limits.buckets if user.startswith("gone-")]

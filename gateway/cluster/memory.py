@@ -259,8 +259,22 @@ class MemoryLimitStore:
     async def acquire_generation(self, user: str) -> Lease:
         return self.acquire_generation_now(user)
 
+    def _sweep(self, now: float) -> None:
+        """A full bucket says nothing a new one would not: look at the two oldest buckets
+        on each generate and drop them if full, so the buckets of users who went quiet do
+        not pile up (each is full within burst / rate seconds of its last use)."""
+        buckets = self.buckets
+        for _ in range(2):
+            if not buckets:
+                return
+            user = next(iter(buckets))
+            bucket = buckets.pop(user)
+            if not bucket.full(now):
+                buckets[user] = bucket  # still counting: to the back of the line
+
     def acquire_generation_now(self, user: str) -> Lease:
         now = anyio.current_time()
+        self._sweep(now)
         running = self.generations.get(user, 0)
         if running >= self.settings.max_streams_per_user:
             raise too_many_streams(self.settings.max_streams_per_user)
