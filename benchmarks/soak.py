@@ -25,7 +25,6 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,9 @@ from benchmarks.harness import (
     run_loadgen,
 )
 from benchmarks.scenarios import idle_steps
+from benchmarks.scenarios import scrape_metrics as scrape
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                values[name] = float(value)
-            except ValueError:
-                continue
-    return values
 
 
 def soak(pinning: Pinning, workdir: Path, connections: int, minutes: float) -> dict[str, Any]:
