@@ -117,6 +117,8 @@ class Generation:
         self.cancel_outcome = "cancelled"
         self.last_remote_follow = -float("inf")
         self.detached_at: float | None = None
+        # The follower the producer is waiting on for room (backpressure), if any.
+        self._waiting_on: Follow | None = None
         # Tokens before this index are in the store; the rest wait for the flusher.
         self._stored = 0
         self._flusher_waiter: asyncio.Future[None] | None = None
@@ -141,6 +143,7 @@ class Generation:
         follow = Follow(sink, self)
         self.follows.append(follow)
         self.detached_at = None
+        self._stop_waiting_for_an_older_follower()
         return follow
 
     def attach_for_resume(self, sink: Follower, after: int) -> tuple[Follow, list[str], int]:
@@ -149,7 +152,16 @@ class Generation:
         follow = Follow(sink, self, live=False)
         self.follows.append(follow)
         self.detached_at = None
+        self._stop_waiting_for_an_older_follower()
         return follow, self.tokens[first:], first
+
+    def _stop_waiting_for_an_older_follower(self) -> None:
+        """Only the newest follower holds the producer back. If the producer is waiting on
+        an older one (a socket not yet known dead, whose queue is full), it stops waiting
+        now rather than when that socket is declared dead, which could be a minute away."""
+        waiting_on = self._waiting_on
+        if waiting_on is not None and waiting_on is not self.follows[-1]:
+            waiting_on.sink.stop_waiting()
 
     def detach(self, follow: Follow) -> None:
         """The follower's connection went away (not a cancel)."""
@@ -233,8 +245,12 @@ class Generation:
                                     only = follows[0]
                                     # A paced token goes straight to the socket, with no
                                     # coroutine in between; anything else is delivered.
-                                    if not (only.live and only.sink.send_now(item)) and not await only.deliver(item):
-                                        self.detach(only)
+                                    if not (only.live and only.sink.send_now(item)):
+                                        self._waiting_on = only
+                                        delivered = await only.deliver(item)
+                                        self._waiting_on = None
+                                        if not delivered:
+                                            self.detach(only)
                                 else:
                                     # Several connections follow (a resume while the old
                                     # socket is not yet known dead, or two tabs): only the
@@ -244,7 +260,10 @@ class Generation:
                                     *others, newest = follows
                                     for follow in others:
                                         follow.deliver_nowait(item)
-                                    if not await newest.deliver(item):
+                                    self._waiting_on = newest
+                                    delivered = await newest.deliver(item)
+                                    self._waiting_on = None
+                                    if not delivered:
                                         self.detach(newest)
                             count += 1
                             if count >= request.max_tokens:

@@ -62,12 +62,14 @@ class SendQueue:
     asyncio (uvicorn), where anyio's cancel scopes cancel such a wait like any other.
     """
 
-    __slots__ = ("_getter", "_putters", "closed", "items", "limit")
+    __slots__ = ("_getter", "_putters", "closed", "items", "limit", "stop_waiting")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.items: list[OutItem] = []
         self.closed = False
+        # Set when a producer waiting here must not wait any longer (see ``Outbox.stop_waiting``).
+        self.stop_waiting = False
         self._getter: asyncio.Future[None] | None = None
         self._putters: list[asyncio.Future[None]] | None = None
 
@@ -88,6 +90,10 @@ class SendQueue:
 
     async def put(self, item: OutItem) -> None:
         while not self.put_nowait(item):
+            if self.stop_waiting:
+                self.stop_waiting = False
+                self.items.append(item)  # one over the limit, once: the producer moves on
+                return
             waiter = asyncio.get_running_loop().create_future()
             if self._putters is None:
                 self._putters = []
@@ -304,6 +310,16 @@ class Outbox:
         if transport is not None and transport.write_backlog > DROPPABLE_BACKLOG_BYTES:
             return False
         return self.offer(item)
+
+    def stop_waiting(self) -> None:
+        """A producer waiting for room here stops waiting: its item is queued over the
+        limit, once. A generation calls this when a newer follower arrives while it waits
+        on this one, which may be a dead socket: from then on this follower gets the
+        generation's items without holding it back (``send_urgent``)."""
+        queue = self.queue
+        if queue._putters:
+            queue.stop_waiting = True
+            queue._wake_putters()
 
     def follow_ended(self, follow: Any) -> None:
         """The outbox is the ``Follower`` a generation delivers to; the end of a follow is

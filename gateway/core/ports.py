@@ -48,6 +48,9 @@ class Follower(Protocol):
     def send_urgent(self, item: OutItem) -> None:
         """Queue ``item`` without waiting: a follower that must not hold the producer back."""
 
+    def stop_waiting(self) -> None:
+        """A producer waiting in ``send`` for room stops waiting (its item goes in anyway)."""
+
     def follow_ended(self, follow: Any) -> None:
         """The generation delivered its terminal event to this follower."""
 
