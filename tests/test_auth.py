@@ -222,59 +222,6 @@ async def test_dev_without_a_key_generates_a_secret_and_mints() -> None:
         await other.verify(auth.mint("dev"))
 
 
-JWKS_HITS: list[float] = []
-
-
-@pytest.fixture
-def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[str]:
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
-    jwk.update({"kid": "k1", "use": "sig", "alg": "RS256"})
-    body = json.dumps({"keys": [jwk]}).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            JWKS_HITS.append(time.monotonic())
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/.well-known/jwks.json"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, jwks_server: str, serve: Serve) -> None:
-    server = serve(jwt_secret=None, jwt_jwks_url=jwks_server, jwt_algorithms=["RS256"])
-    payload = {"sub": "jay", "exp": int(time.time()) + 600}
-    async with connected(server, jwt.encode(payload, rsa_key, algorithm="RS256", headers={"kid": "k1"})) as ws:
-        assert ws.hello["user"] == "jay"
-    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    with pytest.raises(InvalidStatus) as info:
-        async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
-                                                     headers={"kid": "unknown"})):
-            pass
-    assert info.value.response.status_code == 403
-    assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
-    # Made-up key ids do not make the gateway refetch the key set each time.
-    hits = len(JWKS_HITS)
-    for attempt in range(5):
-        with pytest.raises(InvalidStatus):
-            async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
-                                                         headers={"kid": f"made-up-{attempt}"})):
-                pass
-    assert len(JWKS_HITS) == hits
-
-
 class IdentityProvider:
     """A JWKS endpoint the test controls: which keys it publishes, and whether it hangs."""
 
@@ -399,3 +346,26 @@ async def test_a_hanging_jwks_endpoint_fails_only_the_handshakes_that_need_it(
         frames = await recv_until(streaming, terminal_for("on"), timeout=10)
     assert stream_text(frames, "on") == "".join(synthetic_tokens("p", 100))
     assert server.metric('gateway_auth_failures_total{reason="jwks_unavailable"}') == 1
+
+
+async def test_jwks_keys(rsa_key: rsa.RSAPrivateKey, provider: IdentityProvider, serve: Serve) -> None:
+    provider.keys["k1"] = rsa_key
+    server = serve(jwt_secret=None, jwt_jwks_url=provider.url, jwt_algorithms=["RS256"])
+    payload = {"sub": "jay", "exp": int(time.time()) + 600}
+    async with connected(server, jwt.encode(payload, rsa_key, algorithm="RS256", headers={"kid": "k1"})) as ws:
+        assert ws.hello["user"] == "jay"
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
+                                                     headers={"kid": "unknown"})):
+            pass
+    assert info.value.response.status_code == 403
+    assert server.metric('gateway_auth_failures_total{reason="unknown_key"}') == 1
+    # Made-up key ids do not make the gateway refetch the key set each time.
+    hits = provider.fetches
+    for attempt in range(5):
+        with pytest.raises(InvalidStatus):
+            async with ws_connect(server.url, jwt.encode(payload, other_key, algorithm="RS256",
+                                                         headers={"kid": f"made-up-{attempt}"})):
+                pass
+    assert provider.fetches == hits
