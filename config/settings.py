@@ -136,7 +136,14 @@ class Settings(BaseSettings):
                              validation_alias=AliasChoices("GATEWAY_CLUSTER_URL", "GATEWAY_REDIS_URL", "redis_url"))
     redis_prefix: str = "gw:"
     redis_max_connections: int = Field(default=64, ge=2)
+    redis_pool_timeout_s: float = Field(default=10.0, gt=0)
     resume_ttl_s: float = Field(default=300.0, gt=0)
+    # Redis store: one pipeline per process per flush interval carries every generation's
+    # new tokens. A generation followed on another process (or in a room) writes at that
+    # pace; one nobody follows elsewhere writes a checkpoint at the slower pace, and writes
+    # at once when a follower elsewhere announces itself.
+    store_flush_interval_s: float = Field(default=0.05, gt=0, le=5)
+    store_checkpoint_interval_s: float = Field(default=0.5, gt=0, le=60)
     store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     resume_grace_s: float = Field(default=30.0, ge=0)
     node_ttl_s: float = Field(default=10.0, gt=0)

@@ -11,11 +11,13 @@ Who owns what:
   the backend (backpressure). A generation with no followers runs at the backend's pace.
 - Tokens are also batched into the stream store by one flusher task per generation, one
   write per batch, so a client can resume on any process. Room generations publish the
-  same batches to the room. After a write the flusher lets the store's
-  ``flush_interval_s`` pass before the next one (not for rooms, whose members read those
-  batches live), so a paced stream costs the store and the event loop one write per
-  interval, not one per token; the tail and the terminal are written as soon as
-  production ends.
+  same batches to the room, and write each batch as soon as it is there. Other
+  generations write at most once per interval, counted from the start of the previous
+  write: the store's ``flush_interval_s`` while a follower on another process reads the
+  stream (it announces itself with a ``FollowNotice``, and the notice also triggers a
+  write at once), else ``GATEWAY_STORE_CHECKPOINT_INTERVAL_S``. So a paced stream costs
+  the store and the event loop one write per interval, not one per token; the tail and
+  the terminal are written as soon as production ends.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ ACLOSE_TIMEOUT_S = 2.0
 FINISH_AFTER_LIMIT_WAIT_S = 1.0
 # How long the flusher keeps retrying the store after the generation ended.
 FLUSH_GIVE_UP_S = 30.0
+# How often a process following a generation through the store tells the producing
+# process that it still does, as a fraction of the resume grace period.
+FOLLOW_NOTICE_FRACTION = 1 / 3
+
+
+def follow_notice_interval(settings: Settings) -> float:
+    return max(settings.resume_grace_s * FOLLOW_NOTICE_FRACTION, 0.5)
 
 
 class Host(Protocol):
@@ -336,14 +345,28 @@ class Generation:
             if timer is not None:
                 timer.cancel()
 
+    def followed_elsewhere(self) -> None:
+        """A process following this generation through the store said so: write what is
+        pending now, and keep writing at the store's pace while such notices come."""
+        self.last_remote_follow = anyio.current_time()
+        if self._flusher_lingering:
+            self._wake_flusher()
+
+    def _write_interval(self) -> float:
+        """How long after the start of one write the next may start."""
+        store = self.hub.store
+        if anyio.current_time() - self.last_remote_follow <= follow_notice_interval(self.hub.settings) * 2.5:
+            return store.flush_interval_s
+        return max(store.flush_interval_s, self.hub.settings.store_checkpoint_interval_s)
+
     async def _flusher(self) -> None:
         """Write pending tokens to the store (and the room) one batch at a time; the next
-        batch is whatever accumulated while the previous write was in flight, and for at
-        least the store's ``flush_interval_s`` after it while the generation is producing. While no
+        batch is whatever accumulated while the previous write was in flight, and during
+        ``_write_interval`` after it started while the generation is producing. While no
         token comes, the stream's TTL is refreshed so a slow generation stays resumable."""
         store = self.hub.store
         meta = self.meta
-        linger = store.flush_interval_s if meta.room is None else 0.0
+        in_room = meta.room is not None
         touch_every = max(self.hub.settings.resume_ttl_s / 3, 1.0)
         last_write = anyio.current_time()
         ended_at: float | None = None
@@ -360,6 +383,7 @@ class Generation:
                     last_write = anyio.current_time()
                 continue
             batch = TokenBatch(self._stored, tuple(self.tokens[self._stored:]))
+            started = anyio.current_time()
             try:
                 if self._producing:
                     await store.write(meta, batch)
@@ -377,10 +401,12 @@ class Generation:
                 continue
             last_write = anyio.current_time()
             self._stored += len(batch.texts)
-            if meta.room is not None:
+            if in_room:
                 await self._publish_room(
                     RoomTokens(meta.id, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts)))
-            if linger and self._producing:
+                continue
+            linger = started + self._write_interval() - anyio.current_time()
+            if linger > 0 and self._producing:
                 self._flusher_lingering = True
                 try:
                     await self._flusher_wait(linger)

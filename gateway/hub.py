@@ -223,7 +223,7 @@ class Hub:
         elif isinstance(message, FollowNotice):
             generation = self.generations.get((message.user, message.id))
             if generation is not None:
-                generation.last_remote_follow = anyio.current_time()
+                generation.followed_elsewhere()
         elif isinstance(message, Broadcast):
             frame = Frame(None, encode_broadcast(message.data))
             user = message.user

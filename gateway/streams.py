@@ -24,7 +24,7 @@ from gateway.backends import ChatTurn, GenerationRequest
 from gateway.cluster.base import StreamMeta, TokenBatch
 from gateway.cluster.control import Cancel, FollowNotice
 from gateway.core.state import ConnectionState
-from gateway.generation import Follow, Generation
+from gateway.generation import Follow, Generation, follow_notice_interval
 from gateway.hub import Hub, publish_or_unavailable
 from gateway.outbox import Outbox
 from gateway.wire.coalesce import End, Start, StreamRef, Token
@@ -35,9 +35,6 @@ from gateway.wire.inbound import GenerateMessage
 
 logger = logging.getLogger("gateway.connection")
 
-# How often a connection following a generation through the stream store tells the
-# producing process that it is still there, as a fraction of the resume grace period.
-FOLLOW_NOTICE_FRACTION = 1 / 3
 # A cancel for a stream followed nowhere here is answered by relaying the store from this
 # far: past every token, so only the terminal event comes.
 PAST_EVERY_TOKEN = 1 << 62
@@ -270,7 +267,7 @@ class Streams:
     async def _announce_follow(self, meta: StreamMeta) -> None:
         """Tell the producing process, periodically, that this generation is followed."""
         hub = self.host.hub
-        interval = max(self.host.settings.resume_grace_s * FOLLOW_NOTICE_FRACTION, 0.5)
+        interval = follow_notice_interval(self.host.settings)
         while True:
             with contextlib.suppress(Exception):
                 await hub.publish(FollowNotice(meta.user, meta.id))

@@ -3,8 +3,10 @@ store, the limit store and the backplane, memory:// and redis://, built by URL s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -45,13 +47,39 @@ async def make_parts(kind: str, settings: Settings) -> tuple[StreamStore, LimitS
     return cluster.store, cluster.limits, cluster
 
 
-async def start_cluster(kind: str, settings: Settings) -> Cluster:
+class Started:
+    """A started cluster with the background loops it asked for, owned here: ``aclose``
+    stops them, then closes the cluster."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.loops: dict[str, asyncio.Task[None]] = {}
+
+    def spawn(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        async def run() -> None:
+            await loop()
+
+        self.loops[name] = asyncio.get_running_loop().create_task(run(), name=name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cluster, name)
+
+    async def aclose(self) -> None:
+        for task in self.loops.values():
+            task.cancel()
+        for task in self.loops.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.cluster.aclose()
+
+
+async def start_cluster(kind: str, settings: Settings) -> Any:
     if kind == "redis":
         require_redis()
     url = {"memory": "memory://", "redis": TEST_REDIS_URL}[kind]
-    cluster = build_cluster(settings.model_copy(update={"cluster_url": url}))
-    await cluster.start(lambda name, loop: None)
-    return cluster
+    started = Started(build_cluster(settings.model_copy(update={"cluster_url": url})))
+    await started.cluster.start(started.spawn)
+    return started
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -235,20 +263,17 @@ async def test_backplane_delivers_every_message_typed_and_in_order(kind: str) ->
     received: list[ControlMessage] = []
     cluster.backplane.set_handler(received.append)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(cluster.backplane.run)
-            # A subscription is in place once a message published after it comes back.
-            with anyio.fail_after(5):
-                while not received:
-                    await cluster.backplane.publish(Cancel("probe", "probe"))
-                    await anyio.sleep(0.05)
-                received.clear()
-            for message in MESSAGES:
-                await cluster.backplane.publish(message)
-            with anyio.fail_after(5):
-                while len([m for m in received if m != Cancel("probe", "probe")]) < len(MESSAGES):
-                    await anyio.sleep(0.01)
-            tg.cancel_scope.cancel()
+        # A subscription is in place once a message published after it comes back.
+        with anyio.fail_after(5):
+            while not received:
+                await cluster.backplane.publish(Cancel("probe", "probe"))
+                await anyio.sleep(0.05)
+            received.clear()
+        for message in MESSAGES:
+            await cluster.backplane.publish(message)
+        with anyio.fail_after(5):
+            while len([m for m in received if m != Cancel("probe", "probe")]) < len(MESSAGES):
+                await anyio.sleep(0.01)
     finally:
         await cluster.aclose()
     assert [m for m in received if m != Cancel("probe", "probe")] == MESSAGES
@@ -300,3 +325,98 @@ async def test_the_rate_buckets_of_users_who_went_quiet_are_dropped() -> None:
         await (await limits.acquire_generation("active")).release()
         await anyio.sleep(0.0002)
     assert not [user for user in limits.buckets if user.startswith("gone-")]
+
+
+# The Redis store's own guarantees: one commit per interval for every stream, and one
+# tailing read for every follower, outside the command pool.
+
+async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once() -> None:
+    cluster = await start_cluster("redis", settings_for(resume_ttl_s=60))
+    store = cluster.store
+    metas = [meta_for((None, None, cluster), stream_id=f"s{index}") for index in range(200)]
+    try:
+        for meta in metas:
+            await store.create(meta)
+        commits_before = store.commit.commits
+        async with anyio.create_task_group() as tg:
+            for meta in metas:
+                tg.start_soon(store.write, meta, TokenBatch(0, ("a", "b")))
+        # The first writer's commit goes at once; the other 199 share the next one.
+        assert store.commit.commits - commits_before <= 2
+        client = cluster.context.client
+        stream_key = store._stream_key("u1", "s7")
+        assert 0 < await client.ttl(stream_key) <= 60
+        await client.persist(stream_key)
+        await store.write(metas[7], TokenBatch(2, ("c",)))
+        # Within a tenth of the TTL of the last setting, a write sets no TTL again ...
+        assert await client.ttl(stream_key) == -1
+        await store.finish(metas[7], Done("stop", Usage(1, 3)))
+        # ... and the terminal always does.
+        assert 0 < await client.ttl(stream_key) <= 60
+        assert texts_of(await collect(store.follow(metas[7], -1))) == (0, "abc")
+    finally:
+        await cluster.aclose()
+
+
+async def test_redis_followers_tail_through_one_read_and_never_take_the_command_pool() -> None:
+    # A pool of two connections: followers that each blocked in a read of their own would
+    # starve the writes, and the writer below would never get through.
+    cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=2,
+                                                        resume_ttl_s=60))
+    store = cluster.store
+    count = 300
+    metas = [meta_for((None, None, cluster), stream_id=f"f{index}") for index in range(count)]
+    received: dict[str, list[StreamEvent]] = {meta.id: [] for meta in metas}
+    try:
+        async def start(meta: StreamMeta) -> None:
+            await store.create(meta)
+            await store.write(meta, TokenBatch(0, ("x",)))
+
+        async with anyio.create_task_group() as tg:
+            for meta in metas:
+                tg.start_soon(start, meta)
+
+        async def follower(meta: StreamMeta) -> None:
+            async for event in store.follow(meta, -1):
+                received[meta.id].append(event)
+
+        async def write_the_rest(meta: StreamMeta) -> None:
+            await store.write(meta, TokenBatch(1, ("y", "z")))
+            await store.finish(meta, Done("stop", Usage(1, 3)))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for meta in metas:
+                    tg.start_soon(follower, meta)
+                while store.tailer.followed < count:
+                    await anyio.sleep(0.01)
+                for meta in metas:
+                    tg.start_soon(write_the_rest, meta)
+        wrong = {k: (texts_of(v), v[-1:]) for k, v in received.items() if texts_of(v) != (0, "xyz")}
+        assert not wrong
+        assert all(events[-1] == Done("stop", Usage(1, 3)) for events in received.values())
+        # Far fewer reads than followers times entries: each read served many followers.
+        assert store.tailer.reads < count
+        assert store.tailer.followed == 0
+        assert cluster.health.up
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_redis_pool_with_no_free_connection_is_not_redis_down() -> None:
+    cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=0.2))
+    context = cluster.context
+    pool = context.client.connection_pool
+    held = [await pool.get_connection(), await pool.get_connection()]
+    try:
+        with pytest.raises(Exception) as raised:
+            await cluster.store.get("u1", "nothing")
+        context.report_error(raised.value)
+        assert cluster.health.up
+        # A real failure still is.
+        context.report_error(ConnectionError("connection refused"))
+        assert not cluster.health.up
+    finally:
+        for connection in held:
+            await pool.release(connection)
+        await cluster.aclose()

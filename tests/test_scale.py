@@ -343,3 +343,77 @@ async def _drops_and_resumes(servers: tuple[ServerThread, ServerThread], drops: 
                     break
         server_index = int(hops[step % len(hops)])
     raise AssertionError("the stream never finished")
+
+
+async def test_500_followers_of_another_process_share_one_read_and_the_pool_stays_free() -> None:
+    """Each client resuming a generation that runs elsewhere used to hold a pooled Redis
+    connection in a blocking read while no token came, so a few hundred of them exhausted
+    the pool, and the pool's timeout was taken for Redis being down. The generations here
+    wait seconds for their first token (a slow upstream), then stream."""
+    count, per_connection, tokens = 500, 20, 100
+    env = cluster_env(
+        GATEWAY_SYNTHETIC_TTFT_MS="4000", GATEWAY_SYNTHETIC_TOKENS_PER_S="50",
+        GATEWAY_REDIS_MAX_CONNECTIONS="4", GATEWAY_REDIS_POOL_TIMEOUT_S="2", GATEWAY_RESUME_GRACE_S="60",
+        GATEWAY_MAX_STREAMS_PER_CONNECTION=str(per_connection), GATEWAY_MAX_STREAMS_PER_USER=str(count),
+        GATEWAY_MAX_CONNECTIONS_PER_USER=str(count + 50), GATEWAY_USER_GENERATE_RATE_PER_S="1000",
+        GATEWAY_USER_GENERATE_BURST=str(count))
+    with two_gateways(env) as (a, b):
+        ids = [f"c{index}" for index in range(count)]
+        texts: dict[str, str] = {}
+        endings: dict[str, str] = {}
+        not_ready: list[int] = []
+        all_connected = anyio.Event()
+        resume_now = anyio.Event()
+        connected_count = 0
+        followers_done = anyio.Event()
+
+        async def start_some(batch: list[str]) -> None:
+            async with connected(a, mint("crowd")) as ws:
+                for stream_id in batch:
+                    await ws.send(json.dumps({"type": "generate", "id": stream_id, "prompt": stream_id,
+                                              "max_tokens": tokens}))
+                started: set[str] = set()
+                await recv_until(ws, lambda f: f["type"] == "start" and started.add(f["id"]) is None
+                                 and len(started) == len(batch), timeout=30)
+            # Dropped: the generations go on for the resume grace period.
+
+        async def follow_on_b(stream_id: str) -> None:
+            nonlocal connected_count
+            async with connected(b, mint("crowd")) as ws:
+                connected_count += 1
+                if connected_count == count:
+                    all_connected.set()
+                await resume_now.wait()
+                await ws.send(json.dumps({"type": "resume", "id": stream_id, "after": -1}))
+                frames = await recv_until(ws, terminal_for(stream_id), timeout=60)
+            texts[stream_id] = stream_text(frames, stream_id)
+            endings[stream_id] = frames[-1]["type"]
+
+        async def watch_readiness() -> None:
+            async with httpx.AsyncClient(base_url=b.http) as http:
+                while not followers_done.is_set():
+                    status = (await http.get("/readyz")).status_code
+                    if status != 200:
+                        not_ready.append(status)
+                    await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_readiness)
+            async with anyio.create_task_group() as followers:
+                for stream_id in ids:
+                    followers.start_soon(follow_on_b, stream_id)
+                with anyio.fail_after(60):
+                    await all_connected.wait()
+                async with anyio.create_task_group() as starters:
+                    for offset in range(0, count, per_connection):
+                        starters.start_soon(start_some, ids[offset:offset + per_connection])
+                # Every generation is still waiting for its first token: the followers
+                # on B wait for the live tail of streams that run on A.
+                running_when_followed = await metric(a, "gateway_active_generations")
+                resume_now.set()
+            followers_done.set()
+        assert running_when_followed == count
+        assert endings == dict.fromkeys(ids, "done")
+        wrong = [i for i in ids if texts[i] != "".join(synthetic_tokens(i, tokens))]
+        assert wrong == []
+        assert not_ready == []

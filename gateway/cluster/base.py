@@ -7,7 +7,8 @@ Every implementation (``memory.py``, ``redis/``) gives the guarantees written he
 
 Stream store guarantees:
 - ``create`` is atomic: of two creates for the same (user, id) exactly one wins, and the
-  id stays taken until the stream expires (``GATEWAY_RESUME_TTL_S`` after its last write).
+  id stays taken until the stream expires: ``GATEWAY_RESUME_TTL_S`` after its terminal,
+  and while it runs at least nine tenths of that after its last write.
 - A writer's batches are stored in the order written; ``follow`` yields every token after
   ``after`` exactly once, in order, then the live tail, then the terminal event, then stops.
 - ``follow`` of a stream whose producing process died, or whose metadata expired without a
@@ -54,8 +55,9 @@ StreamEvent = TokenBatch | Terminal
 
 class StreamStore(Protocol):
     name: str
-    # The least time between two writes of one producing generation: how far a reader of
-    # the store (a resume on another process) may lag behind the live stream.
+    # The least time between the starts of two writes of one producing generation that a
+    # reader of the store follows (a resume on another process): how far such a reader
+    # may lag behind the live stream.
     flush_interval_s: float
     # Streams dropped before their TTL to stay within a memory budget (0 for a store
     # without one).

@@ -27,6 +27,7 @@ class RedisCluster:
         await self.context.start()
         spawn("redis heartbeat", self.context.heartbeat)
         spawn("backplane listener", self.backplane.run)
+        spawn("stream tailer", self.store.tailer.run)
 
     async def aclose(self) -> None:
         await self.context.aclose()

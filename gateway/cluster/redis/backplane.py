@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import orjson
 from redis.exceptions import RedisError
 
@@ -33,8 +34,10 @@ class RedisBackplane:
         self._handler = handler
 
     async def run(self) -> None:
-        """One subscription session; raises when the connection fails."""
-        pubsub = self.ctx.client.pubsub(ignore_subscribe_messages=True)
+        """One subscription session; raises when the connection fails. The subscription
+        holds a connection for as long as it lives: its own, not one of the command pool."""
+        client = self.ctx.dedicated_client(socket_timeout=None, single=False)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
             self.ctx.report(True)
@@ -53,10 +56,12 @@ class RedisBackplane:
                     except Exception:
                         logger.exception("backplane handler failed")
         except (RedisError, OSError) as exc:
-            self.ctx.report(False)
+            self.ctx.report_error(exc)
             raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
 
     async def publish(self, message: ControlMessage) -> None:
         await self.ctx.client.publish(self.channel, orjson.dumps(to_dict(message)))

@@ -106,8 +106,8 @@ class RedisLimitStore:
             granted = await self._acquire_slot(
                 keys=[key], args=[self.settings.max_connections_per_user, self.ctx.node_id, self.ctx.key("node", "")])
             self.ctx.report(True)
-        except (RedisError, OSError):
-            self.ctx.report(False)
+        except (RedisError, OSError) as exc:
+            self.ctx.report_error(exc)
             return self.local.add_connection_now(user)
         return self._lease(key) if granted else None
 
@@ -120,8 +120,8 @@ class RedisLimitStore:
                 args=[self.settings.max_streams_per_user, self.ctx.node_id, self.ctx.key("node", ""),
                       self.settings.user_generate_rate_per_s, self.settings.user_generate_burst])
             self.ctx.report(True)
-        except (RedisError, OSError):
-            self.ctx.report(False)
+        except (RedisError, OSError) as exc:
+            self.ctx.report_error(exc)
             return self.local.acquire_generation_now(user)
         if granted:
             return self._lease(key)

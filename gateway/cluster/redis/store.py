@@ -6,16 +6,21 @@ Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
   ``t`` JSON list of texts) and one terminal entry (``e`` the terminal event as JSON);
 - ``u:<user>``: a sorted set of the user's stream ids by creation time, for ``hello``.
 
-Every write is one pipelined round trip (XADD plus the EXPIREs that keep the TTL counting
-from the last write), and the gateway batches tokens, so Redis sees one entry per batch,
-not per token.
+Writes of every generation of the process go through one group commit (``commit.py``):
+one pipeline per flush interval, one XADD per generation that has new tokens. The TTLs
+(three EXPIREs) are set with a stream's first write and its terminal, and refreshed at
+least every tenth of the TTL in between, so a paced stream costs about one command per
+write, and the generation decides how often it writes (``gateway.generation``).
+Followers read what is stored, then the live tail through the process's one tailing read
+(``tailer.py``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
@@ -24,21 +29,29 @@ from redis.exceptions import RedisError
 from config import Settings
 from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
 from gateway.cluster.control import terminal_from_dict, terminal_to_dict
+from gateway.cluster.redis.commit import GroupCommit
 from gateway.cluster.redis.context import RedisContext
+from gateway.cluster.redis.tailer import TAIL_COUNT, Entry, StreamTailer
 from gateway.wire.codes import ErrorCode
 from gateway.wire.events import Failed, Terminal
 
-# How long one blocking read waits before checking that the producer is alive.
-FOLLOW_BLOCK_MS = 1000
+# How long a follower waits for the tail before checking that the producer is alive.
+FOLLOW_IDLE_CHECK_S = 1.0
 # The newest ids kept in a user's index (what hello lists as resumable).
 USER_INDEX_MAX = 200
+# A running stream's TTLs are set again once this fraction of the TTL has passed.
+TTL_REFRESH_FRACTION = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    meta: StreamMeta
+    fields: dict[str, str] | None  # None: only the TTLs
+    final: bool
 
 
 class RedisStreamStore:
     name = "redis"
-    # One round trip per generation every 50 ms at most: a paced stream writes one entry per
-    # interval, not one per token, and a resume elsewhere runs at most that far behind.
-    flush_interval_s = 0.05
     # Redis keeps its own memory (maxmemory and an eviction policy of its own).
     evicted = 0
 
@@ -47,6 +60,11 @@ class RedisStreamStore:
         self.ttl_s = max(int(settings.resume_ttl_s), 1)
         # Entries hold at least one token, so max_tokens + 1 entries is the whole stream.
         self.max_entries = settings.max_tokens + 1
+        self.flush_interval_s = settings.store_flush_interval_s
+        self.commit: GroupCommit[_Write] = GroupCommit(self._execute, settings.store_flush_interval_s)
+        self.tailer = StreamTailer(context)
+        # When each running stream's TTLs were last set (monotonic), by (user, id).
+        self._ttl_set: dict[tuple[str, str], float] = {}
 
     def _meta_key(self, user: str, stream_id: str) -> str:
         return self.ctx.key("m", user, stream_id)
@@ -77,49 +95,92 @@ class RedisStreamStore:
             return None
         return StreamMeta(**json.loads(raw))
 
-    async def _append(self, meta: StreamMeta, fields: dict[str, str] | None) -> None:
-        stream_key = self._stream_key(meta.user, meta.id)
+    async def _execute(self, writes: list[_Write]) -> None:
+        """One commit: every write's XADD, and the EXPIREs of the streams that are new,
+        finishing, or due for a refresh. One round trip."""
         pipe = self.ctx.client.pipeline(transaction=False)
-        if fields is not None:
-            pipe.xadd(stream_key, fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
-        pipe.expire(stream_key, self.ttl_s)
-        pipe.expire(self._meta_key(meta.user, meta.id), self.ttl_s)
-        pipe.expire(self._user_key(meta.user), self.ttl_s)
-        await pipe.execute()
+        now = time.monotonic()
+        refresh_after = self.ttl_s * TTL_REFRESH_FRACTION
+        refreshed: list[tuple[str, str]] = []
+        for write in writes:
+            meta = write.meta
+            stream_key = self._stream_key(meta.user, meta.id)
+            if write.fields is not None:
+                pipe.xadd(stream_key, write.fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
+            ident = (meta.user, meta.id)
+            set_at = self._ttl_set.get(ident)
+            if write.final or set_at is None or now - set_at >= refresh_after:
+                pipe.expire(stream_key, self.ttl_s)
+                pipe.expire(self._meta_key(meta.user, meta.id), self.ttl_s)
+                pipe.expire(self._user_key(meta.user), self.ttl_s)
+                if not write.final:
+                    self._ttl_set[ident] = now
+                    refreshed.append(ident)
+        try:
+            await pipe.execute()
+        except BaseException:
+            # Not known to be set: the next write of those streams sets them again.
+            for ident in refreshed:
+                self._ttl_set.pop(ident, None)
+            raise
 
     async def touch(self, meta: StreamMeta) -> None:
-        await self._append(meta, None)
+        self._ttl_set.pop((meta.user, meta.id), None)
+        await self.commit.submit(_Write(meta, None, False))
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
-        await self._append(meta, {"f": str(batch.first_seq), "t": json.dumps(batch.texts)})
+        # A room's members read each batch live, as soon as it is stored: no waiting.
+        await self.commit.submit(_Write(meta, {"f": str(batch.first_seq), "t": json.dumps(batch.texts)}, False),
+                                 urgent=meta.room is not None)
 
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
-        await self._append(meta, {"e": json.dumps(terminal_to_dict(terminal))})
+        try:
+            await self.commit.submit(_Write(meta, {"e": json.dumps(terminal_to_dict(terminal))}, True), urgent=True)
+        finally:
+            self._ttl_set.pop((meta.user, meta.id), None)
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
-        client = self.ctx.blocking_client
+        """What is stored, read with plain reads from the command pool; then the live tail
+        from the process's tailing read."""
         stream_key = self._stream_key(meta.user, meta.id)
+        reader = _EntryReader(after)
         last_id = "0-0"
-        position = max(after + 1, 0)
         backoff = 0.1
-        producer_missing_since: float | None = None
         while True:
             try:
-                response: Any = await client.xread({stream_key: last_id}, count=512, block=FOLLOW_BLOCK_MS)
-                self.ctx.report(True)
-                backoff = 0.1
-            except (RedisError, OSError):
-                # Redis is away: wait for it and carry on from the last entry read.
-                self.ctx.report(False)
+                response: Any = await self.ctx.client.xread({stream_key: last_id}, count=TAIL_COUNT)
+            except (RedisError, OSError) as exc:
+                self.ctx.report_error(exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            if not response:
+            entries: list[Entry] = response[0][1] if response else []
+            if entries:
+                last_id = entries[-1][0]
+                for event in reader.read(entries):
+                    yield event
+                if reader.ended:
+                    return
+            if len(entries) < TAIL_COUNT:
+                break
+        subscription = self.tailer.subscribe(stream_key, last_id)
+        try:
+            producer_missing_since: float | None = None
+            while True:
+                entries = await subscription.take(FOLLOW_IDLE_CHECK_S)
+                self.tailer.taken(subscription)
+                if entries:
+                    producer_missing_since = None
+                    for event in reader.read(entries):
+                        yield event
+                    if reader.ended:
+                        return
+                    continue
                 try:
                     alive = await self.ctx.node_alive(meta.node)
                     meta_exists = bool(await self.ctx.client.exists(self._meta_key(meta.user, meta.id)))
-                except (RedisError, OSError):
-                    self.ctx.report(False)
+                except (RedisError, OSError) as exc:
+                    self.ctx.report_error(exc)
                     continue
                 if not meta_exists:
                     # Expired without a terminal frame (its producer could not store one).
@@ -134,26 +195,8 @@ class RedisStreamStore:
                     # it has yet to notice) and no terminal was written.
                     yield Failed(ErrorCode.BACKEND_ERROR, "the server producing this generation went away")
                     return
-                continue
-            producer_missing_since = None
-            for _key, entries in response:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    if "e" in fields:
-                        yield terminal_from_dict(json.loads(fields["e"]))
-                        return
-                    first = int(fields["f"])
-                    texts = json.loads(fields["t"])
-                    end = first + len(texts)
-                    if end <= position:
-                        continue
-                    if first > position:
-                        # Entries are missing (Redis lost data): never paper over a gap.
-                        yield Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete")
-                        return
-                    skip = max(position - first, 0)
-                    yield TokenBatch(first + skip, tuple(texts[skip:]))
-                    position = end
+        finally:
+            self.tailer.unsubscribe(subscription)
 
     async def resumable(self, user: str) -> list[StreamMeta]:
         ids: list[str] = list(await self.ctx.client.zrange(self._user_key(user), 0, -1))  # type: ignore[arg-type]
@@ -170,3 +213,36 @@ class RedisStreamStore:
         if expired:
             await self.ctx.client.zrem(self._user_key(user), *expired)
         return metas
+
+
+class _EntryReader:
+    """Turns a stream's entries into events: each token after ``after`` exactly once (a
+    batch written twice, by a retried commit, is skipped), then the terminal."""
+
+    __slots__ = ("ended", "position")
+
+    def __init__(self, after: int) -> None:
+        self.position = max(after + 1, 0)
+        self.ended = False
+
+    def read(self, entries: list[Entry]) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for _entry_id, fields in entries:
+            if "e" in fields:
+                events.append(terminal_from_dict(json.loads(fields["e"])))
+                self.ended = True
+                return events
+            first = int(fields["f"])
+            texts = json.loads(fields["t"])
+            end = first + len(texts)
+            if end <= self.position:
+                continue
+            if first > self.position:
+                # Entries are missing (Redis lost data): never paper over a gap.
+                events.append(Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete"))
+                self.ended = True
+                return events
+            skip = self.position - first
+            events.append(TokenBatch(first + skip, tuple(texts[skip:])))
+            self.position = end
+        return events
