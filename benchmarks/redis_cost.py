@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,41 @@ async def run_streams(port: int, streams: int, tokens: int) -> int:
     return received
 
 
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of its own on a free port, so that no other user of a shared Redis
+    pollutes its command counters; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", tmp],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    time.sleep(0.05)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            server.kill()
+            server.wait(10)
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Commands Redis ran since its last CONFIG RESETSTAT, by name (a Lua script's own
+    calls included, as Redis counts them)."""
+    stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
+            if name != "cmdstat_config|resetstat"}
+
+
 def measure(label: str, store_env: dict[str, str], rate: int, streams: int, tokens: int,
             client: redis.Redis | None) -> dict[str, Any]:
     port = free_port()
@@ -103,12 +140,13 @@ def measure(label: str, store_env: dict[str, str], rate: int, streams: int, toke
         result: dict[str, Any] = {"label": label, "tokens": received, "seconds": round(elapsed, 2),
                                   "cpu_us_per_token": round(cpu / max(received, 1) * 1e6, 2)}
         if client is not None:
-            stats = client.info("commandstats")
-            calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+            calls = command_calls(client)
             net = client.info("stats")
             result["redis_commands_per_token"] = round(sum(calls.values()) / max(received, 1), 3)
             result["xadd_per_token"] = round(calls.get("xadd", 0) / max(received, 1), 3)
             result["bytes_to_redis_per_token"] = round(int(net["total_net_input_bytes"]) / max(received, 1), 1)
+            result["per_generation"] = {name: round(count / max(streams, 1), 1)
+                                        for name, count in sorted(calls.items(), key=lambda item: -item[1])}
         return result
     finally:
         proc.terminate()
@@ -120,34 +158,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "redis_cost.md"))
     parser.add_argument("--paced-streams", type=int, default=200)
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed")
-    redis_port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen([binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", tmp],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client = redis.Redis(port=redis_port, decode_responses=True)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.RedisError:
-                    time.sleep(0.05)
-            redis_env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-            loads = [("one stream, full speed, 50,000 tokens", 0, 1, 50_000),
-                     (f"{args.paced_streams} streams at 30 tokens/s, 150 tokens each", 30, args.paced_streams, 150)]
-            rows = []
-            for name, rate, streams, tokens in loads:
-                memory = measure(f"{name}: memory", {}, rate, streams, tokens, None)
-                with_redis = measure(f"{name}: redis", redis_env, rate, streams, tokens, client)
-                with_redis["cpu_vs_memory"] = round(with_redis["cpu_us_per_token"] / memory["cpu_us_per_token"], 2)
-                rows += [memory, with_redis]
-        finally:
-            server.kill()
-            server.wait(10)
+    with private_redis() as url:
+        client = redis.Redis.from_url(url, decode_responses=True)
+        redis_env = {"GATEWAY_REDIS_URL": url}
+        loads = [("one stream, full speed, 50,000 tokens", 0, 1, 50_000),
+                 (f"{args.paced_streams} streams at 30 tokens/s, 150 tokens each", 30, args.paced_streams, 150)]
+        rows = []
+        for name, rate, streams, tokens in loads:
+            memory = measure(f"{name}: memory", {}, rate, streams, tokens, None)
+            with_redis = measure(f"{name}: redis", redis_env, rate, streams, tokens, client)
+            with_redis["cpu_vs_memory"] = round(with_redis["cpu_us_per_token"] / memory["cpu_us_per_token"], 2)
+            rows += [memory, with_redis]
     lines = [
         "# Redis stream store: cost per token",
         "",
@@ -165,6 +188,11 @@ def main() -> None:
             f"| {load} | {store} | {row['tokens']} | {row['cpu_us_per_token']} | {row.get('cpu_vs_memory', 1.0)} | "
             f"{row.get('redis_commands_per_token', '-')} | {row.get('xadd_per_token', '-')} | "
             f"{row.get('bytes_to_redis_per_token', '-')} |")
+    lines += ["", "Redis commands per generation, by command (the Redis rows):", ""]
+    for row in rows:
+        if "per_generation" in row:
+            breakdown = ", ".join(f"{name} {count:g}" for name, count in row["per_generation"].items())
+            lines.append(f"- {row['label']}: {breakdown}")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     # pace; one nobody follows elsewhere writes a checkpoint at the slower pace, and writes
     # at once when a follower elsewhere announces itself.
     store_flush_interval_s: float = Field(default=0.05, gt=0, le=5)
-    store_checkpoint_interval_s: float = Field(default=0.5, gt=0, le=60)
+    store_checkpoint_interval_s: float = Field(default=1.0, gt=0, le=60)
     store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     resume_grace_s: float = Field(default=30.0, ge=0)
     node_ttl_s: float = Field(default=10.0, gt=0)

@@ -373,8 +373,13 @@ async def test_500_followers_of_another_process_share_one_read_and_the_pool_stay
                     await ws.send(json.dumps({"type": "generate", "id": stream_id, "prompt": stream_id,
                                               "max_tokens": tokens}))
                 started: set[str] = set()
-                await recv_until(ws, lambda f: f["type"] == "start" and started.add(f["id"]) is None
-                                 and len(started) == len(batch), timeout=30)
+
+                def all_started(frame: dict[str, Any]) -> bool:
+                    if frame["type"] == "start":
+                        started.add(frame["id"])
+                    return len(started) == len(batch)
+
+                await recv_until(ws, all_started, timeout=30)
             # Dropped: the generations go on for the resume grace period.
 
         async def follow_on_b(stream_id: str) -> None:

@@ -33,7 +33,9 @@ for i = 1, #fields, 2 do
   if node ~= ARGV[2] and redis.call('EXISTS', ARGV[3] .. node) == 0 then
     redis.call('HDEL', KEYS[1], node)
   else
-    total = total + tonumber(fields[i + 1])
+    -- A release that outlived its count (Redis lost the hash in between) can leave a
+    -- negative field: it never lowers the total.
+    total = total + math.max(0, tonumber(fields[i + 1]))
   end
 end
 """
@@ -70,11 +72,6 @@ redis.call('EXPIRE', KEYS[1], 86400)
 return {1, ''}
 """
 
-_RELEASE = """
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if left <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return left
-"""
 
 
 class RedisLimitStore:
@@ -87,12 +84,13 @@ class RedisLimitStore:
         client = context.client
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
         self._acquire_generation = client.register_script(_ACQUIRE_GENERATION)
-        self._release = client.register_script(_RELEASE)
 
     def _lease(self, key: str) -> Lease:
         async def release() -> None:
             try:
-                await self._release(keys=[key], args=[self.ctx.node_id])
+                # One command: a field at zero stays until the next acquire (it counts
+                # nothing), and the hash expires with the user's inactivity.
+                await self.ctx.client.hincrby(key, self.ctx.node_id, -1)
             except (RedisError, OSError):
                 # The count is kept per process: it is dropped when this process's
                 # liveness key expires, so a lost decrement does not leak for long.

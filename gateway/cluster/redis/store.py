@@ -6,11 +6,12 @@ Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
   ``t`` JSON list of texts) and one terminal entry (``e`` the terminal event as JSON);
 - ``u:<user>``: a sorted set of the user's stream ids by creation time, for ``hello``.
 
-Writes of every generation of the process go through one group commit (``commit.py``):
-one pipeline per flush interval, one XADD per generation that has new tokens. The TTLs
-(three EXPIREs) are set with a stream's first write and its terminal, and refreshed at
-least every tenth of the TTL in between, so a paced stream costs about one command per
-write, and the generation decides how often it writes (``gateway.generation``).
+``create`` is one round trip. Writes of every generation of the process go through one
+group commit (``commit.py``): one pipeline per flush interval, one XADD per generation
+that has new tokens. The TTLs are set at create (metadata, index), with a stream's first
+XADD (its key) and with its terminal (all three), and refreshed at least every tenth of
+the TTL in between, so a paced stream costs about one command per write, and the
+generation decides how often it writes (``gateway.generation``).
 Followers read what is stored, then the live tail through the process's one tailing read
 (``tailer.py``).
 """
@@ -41,6 +42,8 @@ FOLLOW_IDLE_CHECK_S = 1.0
 USER_INDEX_MAX = 200
 # A running stream's TTLs are set again once this fraction of the TTL has passed.
 TTL_REFRESH_FRACTION = 0.1
+# Running streams whose TTL state is kept; past it the state is forgotten (and rebuilt).
+TTL_TRACKED_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,9 @@ class RedisStreamStore:
         self.flush_interval_s = settings.store_flush_interval_s
         self.commit: GroupCommit[_Write] = GroupCommit(self._execute, settings.store_flush_interval_s)
         self.tailer = StreamTailer(context)
-        # When each running stream's TTLs were last set (monotonic), by (user, id).
-        self._ttl_set: dict[tuple[str, str], float] = {}
+        # Running streams of this process, by (user, id): when their TTLs were last all set
+        # (monotonic), and whether their stream key has one yet.
+        self._ttl_set: dict[tuple[str, str], tuple[float, bool]] = {}
 
     def _meta_key(self, user: str, stream_id: str) -> str:
         return self.ctx.key("m", user, stream_id)
@@ -76,18 +80,25 @@ class RedisStreamStore:
         return self.ctx.key("u", user)
 
     async def create(self, meta: StreamMeta) -> bool:
-        pipe = self.ctx.client.pipeline(transaction=True)
+        """One round trip: the claim, and the user's index (ZADD NX: a lost claim's id is
+        already there, and keeps its place)."""
+        user_key = self._user_key(meta.user)
+        pipe = self.ctx.client.pipeline(transaction=False)
         pipe.set(self._meta_key(meta.user, meta.id), json.dumps(asdict(meta)), nx=True, ex=self.ttl_s)
+        pipe.zadd(user_key, {meta.id: meta.created_at}, nx=True)
+        # Keep the index bounded for a user who never reconnects (hello prunes expired ids).
+        pipe.zremrangebyrank(user_key, 0, -(USER_INDEX_MAX + 1))
+        pipe.expire(user_key, self.ttl_s)
         results = await pipe.execute()
         if not results[0]:
             return False
-        pipe = self.ctx.client.pipeline(transaction=False)
-        pipe.zadd(self._user_key(meta.user), {meta.id: meta.created_at})
-        # Keep the index bounded for a user who never reconnects (hello prunes expired ids).
-        pipe.zremrangebyrank(self._user_key(meta.user), 0, -(USER_INDEX_MAX + 1))
-        pipe.expire(self._user_key(meta.user), self.ttl_s)
-        await pipe.execute()
+        self._remember(meta, time.monotonic(), stream_ttl=False)
         return True
+
+    def _remember(self, meta: StreamMeta, ttl_set_at: float, *, stream_ttl: bool) -> None:
+        if len(self._ttl_set) >= TTL_TRACKED_MAX:
+            self._ttl_set.clear()  # forgotten streams just get all their TTLs set again
+        self._ttl_set[(meta.user, meta.id)] = (ttl_set_at, stream_ttl)
 
     async def get(self, user: str, stream_id: str) -> StreamMeta | None:
         raw = await self.ctx.client.get(self._meta_key(user, stream_id))
@@ -96,36 +107,50 @@ class RedisStreamStore:
         return StreamMeta(**json.loads(raw))
 
     async def _execute(self, writes: list[_Write]) -> None:
-        """One commit: every write's XADD, and the EXPIREs of the streams that are new,
-        finishing, or due for a refresh. One round trip."""
+        """One commit: every write's XADD, and the EXPIREs due. The metadata and the index
+        got theirs at create; a stream's first XADD creates its key, which gets one then;
+        all three are set again with the terminal and once a tenth of the TTL has passed.
+        One round trip."""
         pipe = self.ctx.client.pipeline(transaction=False)
         now = time.monotonic()
         refresh_after = self.ttl_s * TTL_REFRESH_FRACTION
-        refreshed: list[tuple[str, str]] = []
+        before: dict[tuple[str, str], tuple[float, bool] | None] = {}
         for write in writes:
             meta = write.meta
+            ident = (meta.user, meta.id)
             stream_key = self._stream_key(meta.user, meta.id)
             if write.fields is not None:
                 pipe.xadd(stream_key, write.fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
-            ident = (meta.user, meta.id)
-            set_at = self._ttl_set.get(ident)
-            if write.final or set_at is None or now - set_at >= refresh_after:
+            known = self._ttl_set.get(ident)
+            if write.final or known is None or now - known[0] >= refresh_after:
                 pipe.expire(stream_key, self.ttl_s)
                 pipe.expire(self._meta_key(meta.user, meta.id), self.ttl_s)
                 pipe.expire(self._user_key(meta.user), self.ttl_s)
-                if not write.final:
-                    self._ttl_set[ident] = now
-                    refreshed.append(ident)
+                state: tuple[float, bool] | None = None if write.final else (now, write.fields is not None)
+            elif write.fields is not None and not known[1]:
+                pipe.expire(stream_key, self.ttl_s)
+                state = (known[0], True)
+            else:
+                continue
+            before.setdefault(ident, known)
+            if state is None:
+                self._ttl_set.pop(ident, None)
+            else:
+                self._ttl_set[ident] = state
         try:
             await pipe.execute()
         except BaseException:
-            # Not known to be set: the next write of those streams sets them again.
-            for ident in refreshed:
-                self._ttl_set.pop(ident, None)
+            # Not known to be set: as it was, so the next write sets them again.
+            for ident, known in before.items():
+                if known is None:
+                    self._ttl_set.pop(ident, None)
+                else:
+                    self._ttl_set[ident] = known
             raise
 
     async def touch(self, meta: StreamMeta) -> None:
-        self._ttl_set.pop((meta.user, meta.id), None)
+        known = self._ttl_set.get((meta.user, meta.id))
+        self._remember(meta, -float("inf"), stream_ttl=known[1] if known else False)
         await self.commit.submit(_Write(meta, None, False))
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
@@ -134,10 +159,7 @@ class RedisStreamStore:
                                  urgent=meta.room is not None)
 
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
-        try:
-            await self.commit.submit(_Write(meta, {"e": json.dumps(terminal_to_dict(terminal))}, True), urgent=True)
-        finally:
-            self._ttl_set.pop((meta.user, meta.id), None)
+        await self.commit.submit(_Write(meta, {"e": json.dumps(terminal_to_dict(terminal))}, True), urgent=True)
 
     async def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
         """What is stored, read with plain reads from the command pool; then the live tail
