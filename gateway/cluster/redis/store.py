@@ -9,8 +9,9 @@ Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
 ``create`` is one round trip. Writes of every generation of the process go through one
 group commit (``commit.py``): one pipeline per flush interval, one XADD per generation
 that has new tokens. The TTLs are set at create (metadata, index), with a stream's first
-XADD (its key) and with its terminal (all three), and refreshed at least every tenth of
-the TTL in between, so a paced stream costs about one command per write, and the
+XADD (its key) and with its terminal (the stream and its metadata; the index's TTL is a
+tenth longer, so it outlives them), and refreshed at least every tenth of the TTL in
+between, so a paced stream costs about one command per write, and the
 generation decides how often it writes (``gateway.generation``).
 Followers read what is stored, then the live tail through the process's one tailing read
 (``tailer.py``).
@@ -61,6 +62,10 @@ class RedisStreamStore:
     def __init__(self, settings: Settings, context: RedisContext) -> None:
         self.ctx = context
         self.ttl_s = max(int(settings.resume_ttl_s), 1)
+        # The user's index outlives the TTL by the refresh period: set at create and at each
+        # refresh while a stream runs, it then lasts past every stream's own expiry without
+        # being set again at the terminal.
+        self.user_ttl_s = self.ttl_s + max(int(self.ttl_s * TTL_REFRESH_FRACTION), 1)
         # Entries hold at least one token, so max_tokens + 1 entries is the whole stream.
         self.max_entries = settings.max_tokens + 1
         self.flush_interval_s = settings.store_flush_interval_s
@@ -88,7 +93,7 @@ class RedisStreamStore:
         pipe.zadd(user_key, {meta.id: meta.created_at}, nx=True)
         # Keep the index bounded for a user who never reconnects (hello prunes expired ids).
         pipe.zremrangebyrank(user_key, 0, -(USER_INDEX_MAX + 1))
-        pipe.expire(user_key, self.ttl_s)
+        pipe.expire(user_key, self.user_ttl_s)
         results = await pipe.execute()
         if not results[0]:
             return False
@@ -125,7 +130,8 @@ class RedisStreamStore:
             if write.final or known is None or now - known[0] >= refresh_after:
                 pipe.expire(stream_key, self.ttl_s)
                 pipe.expire(self._meta_key(meta.user, meta.id), self.ttl_s)
-                pipe.expire(self._user_key(meta.user), self.ttl_s)
+                if known is None or now - known[0] >= refresh_after:
+                    pipe.expire(self._user_key(meta.user), self.user_ttl_s)
                 state: tuple[float, bool] | None = None if write.final else (now, write.fields is not None)
             elif write.fields is not None and not known[1]:
                 pipe.expire(stream_key, self.ttl_s)
