@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     upstream_retry_backoff_s: float = Field(default=0.25, ge=0)
 
     # Limits
-    max_message_bytes: int = Field(default=65536, ge=256)
+    max_message_bytes: int = Field(default=1 << 20, ge=256)
     max_prompt_chars: int = Field(default=32000, ge=1)
     max_streams_per_connection: int = Field(default=8, ge=1)
     max_streams_per_user: int = Field(default=32, ge=1)

@@ -33,15 +33,15 @@ import anyio
 from anyio import BrokenResourceError, ClosedResourceError
 
 from config import Settings
-from gateway.backends import Backend, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends import Backend, FinishChunk, GenerationRequest, ReasoningChunk, TokenChunk, ToolCallChunk
 from gateway.cluster.base import Lease, StreamMeta, StreamStore, TokenBatch
 from gateway.cluster.control import ControlMessage, RoomEnd, RoomEvent, RoomEvents, RoomStart, RoomTokens
 from gateway.core.ports import Follower
 from gateway.metrics import Metrics
-from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, failure
-from gateway.wire.events import Done, Failed, Terminal, Usage
+from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, Terminal, ToolCallDelta, Usage
 
 logger = logging.getLogger("gateway.generation")
 
@@ -117,7 +117,11 @@ class Generation:
         self.lease = lease
         self.accepted_at = accepted_at
         self.ref = StreamRef.of(meta.id)
+        # Every delta so far, in seq order: its text (a tool call's: an arguments fragment),
+        # and its kind, in a parallel list created by the first delta that is not answer
+        # text (None while every delta is text, which costs nothing per token).
         self.tokens: list[str] = []
+        self.kinds: list[DeltaKind] | None = None
         self.follows: list[Follow] = []
         self.scope = anyio.CancelScope()
         self.finished = anyio.Event()
@@ -155,14 +159,25 @@ class Generation:
         self._stop_waiting_for_an_older_follower()
         return follow
 
-    def attach_for_resume(self, sink: Follower, after: int) -> tuple[Follow, list[str], int]:
-        """A follower that first replays ``tokens[after+1:]``; see ``Follow``."""
+    def attach_for_resume(self, sink: Follower, after: int) -> tuple[Follow, list[OutItem]]:
+        """A follower that first replays the deltas after ``after`` (returned, of every
+        kind); see ``Follow``."""
         first = max(after + 1, 0)
         follow = Follow(sink, self, live=False)
         self.follows.append(follow)
         self.detached_at = None
         self._stop_waiting_for_an_older_follower()
-        return follow, self.tokens[first:], first
+        return follow, self.replay(first)
+
+    def replay(self, first: int) -> list[OutItem]:
+        """The queue items of the deltas from ``first`` on."""
+        ref = self.ref
+        texts = self.tokens[first:]
+        kinds = self.kinds
+        if kinds is None:
+            return [Token(ref, first + offset, text) for offset, text in enumerate(texts)]
+        return [delta_item(ref, first + offset, text, kind)
+                for offset, (text, kind) in enumerate(zip(texts, kinds[first:], strict=True))]
 
     def _stop_waiting_for_an_older_follower(self) -> None:
         """Only the newest follower holds the producer back. If the producer is waiting on
@@ -224,6 +239,9 @@ class Generation:
         request = self.request
         ref = self.ref
         count = 0
+        reasoning = 0
+        # Each tool call's index, once its first fragment went out: the kind of the rest.
+        calls: dict[int, ToolCallDelta] = {}
         terminal: Terminal
         outcome: str
         try:
@@ -238,48 +256,71 @@ class Generation:
                 iterator = hub.backend.stream(request)
                 try:
                     async for chunk in iterator:
-                        if type(chunk) is TokenChunk:
+                        if isinstance(chunk, TokenChunk):
                             text = chunk.text
                             if not text:
                                 continue
-                            if count == 0:
-                                hub.metrics.ttft.observe(anyio.current_time() - self.accepted_at)
-                            if self._stored == count and not self._flusher_lingering:
-                                self._wake_flusher()
-                            self.tokens.append(text)
-                            if follows:
-                                item = Token(ref, count, text)
-                                if len(follows) == 1:
-                                    # Read it once: a follower may be detached during the await.
-                                    only = follows[0]
-                                    # A paced token goes straight to the socket, with no
-                                    # coroutine in between; anything else is delivered.
-                                    if not (only.live and only.sink.send_now(item)):
-                                        self._waiting_on = only
-                                        delivered = await only.deliver(item)
-                                        self._waiting_on = None
-                                        if not delivered:
-                                            self.detach(only)
-                                else:
-                                    # Several connections follow (a resume while the old
-                                    # socket is not yet known dead, or two tabs): only the
-                                    # newest applies backpressure; the others must keep up
-                                    # or are closed as slow consumers, so a dead socket
-                                    # cannot stall a live one.
-                                    *others, newest = follows
-                                    for follow in others:
-                                        follow.deliver_nowait(item)
-                                    self._waiting_on = newest
-                                    delivered = await newest.deliver(item)
-                                    self._waiting_on = None
-                                    if not delivered:
-                                        self.detach(newest)
-                            count += 1
-                            if count >= request.max_tokens:
-                                finish = await self._finish_after_limit(iterator)
-                                break
+                            kind: DeltaKind = TEXT
+                        elif isinstance(chunk, ReasoningChunk):
+                            text = chunk.text
+                            if not text:
+                                continue
+                            kind = REASONING
+                            reasoning += 1
+                        elif isinstance(chunk, ToolCallChunk):
+                            text = chunk.arguments
+                            kind = calls.get(chunk.index) or ToolCallDelta(chunk.index, chunk.call_id, chunk.name)
+                            if chunk.index not in calls:
+                                # Later fragments of this call carry its arguments only.
+                                calls[chunk.index] = ToolCallDelta(chunk.index)
+                            elif not text:
+                                continue
                         elif isinstance(chunk, FinishChunk):
                             finish = chunk
+                            break
+                        else:  # a kind of chunk this gateway does not know
+                            continue  # type: ignore[unreachable]
+                        if count == 0:
+                            hub.metrics.ttft.observe(anyio.current_time() - self.accepted_at)
+                        if self._stored == count and not self._flusher_lingering:
+                            self._wake_flusher()
+                        self.tokens.append(text)
+                        kinds = self.kinds
+                        if kinds is not None:
+                            kinds.append(kind)
+                        elif kind is not TEXT:
+                            self.kinds = kinds = [TEXT] * count
+                            kinds.append(kind)
+                        if follows:
+                            item = Token(ref, count, text) if kind is TEXT else delta_item(ref, count, text, kind)
+                            if len(follows) == 1:
+                                # Read it once: a follower may be detached during the await.
+                                only = follows[0]
+                                # A paced token goes straight to the socket, with no
+                                # coroutine in between; anything else is delivered.
+                                if not (only.live and only.sink.send_now(item)):
+                                    self._waiting_on = only
+                                    delivered = await only.deliver(item)
+                                    self._waiting_on = None
+                                    if not delivered:
+                                        self.detach(only)
+                            else:
+                                # Several connections follow (a resume while the old
+                                # socket is not yet known dead, or two tabs): only the
+                                # newest applies backpressure; the others must keep up
+                                # or are closed as slow consumers, so a dead socket
+                                # cannot stall a live one.
+                                *others, newest = follows
+                                for follow in others:
+                                    follow.deliver_nowait(item)
+                                self._waiting_on = newest
+                                delivered = await newest.deliver(item)
+                                self._waiting_on = None
+                                if not delivered:
+                                    self.detach(newest)
+                        count += 1
+                        if count >= request.max_tokens:
+                            finish = await self._finish_after_limit(iterator)
                             break
                 finally:
                     aclose: Callable[[], Awaitable[object]] | None = getattr(iterator, "aclose", None)
@@ -290,11 +331,16 @@ class Generation:
                 prompt_tokens = finish.prompt_tokens if finish.prompt_tokens is not None else 0
                 # A backend's own count (model tokens, from the upstream's usage) wins over the
                 # number of chunks the gateway saw.
-                completion_tokens = finish.completion_tokens if finish.completion_tokens is not None else count
-                terminal = Done(finish.finish_reason, Usage(prompt_tokens, completion_tokens))
+                if finish.completion_tokens is not None:
+                    completion_tokens, reasoning_tokens = finish.completion_tokens, finish.reasoning_tokens
+                else:
+                    completion_tokens, reasoning_tokens = count, finish.reasoning_tokens or reasoning or None
+                terminal = Done(finish.finish_reason, Usage(prompt_tokens, completion_tokens, reasoning_tokens,
+                                                            finish.cached_tokens))
                 outcome = finish.finish_reason
             if self.scope.cancelled_caught:
-                terminal = self.cancel_terminal or Done("cancelled", Usage(0, count))
+                # What was streamed, whatever its kind.
+                terminal = self.cancel_terminal or Done("cancelled", Usage(0, count, reasoning or None))
                 outcome = self.cancel_outcome
         except Exception as exc:
             if isinstance(exc, GatewayError):

@@ -31,7 +31,7 @@ from starlette import websockets as starlette_websockets
 from gateway.core.liveness import Liveness
 from gateway.core.ports import Transport
 from gateway.metrics import Metrics
-from gateway.wire.coalesce import Frame, OutItem, Token, coalesce, encode_item
+from gateway.wire.coalesce import DELTA_TYPES, Frame, OutItem, Token, coalesce, encode_item
 from gateway.wire.outbound import encode_token
 
 # What was sent is added to the metrics at least this often, and when a stream ends.
@@ -240,7 +240,7 @@ class Outbox:
             tokens = 1
         else:
             text = encode_item(item)
-            tokens = 0
+            tokens = 1 if isinstance(item, DELTA_TYPES) else 0
         if not transport.send_texts([text]):
             return False
         self._sent_frames += 1

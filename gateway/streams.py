@@ -20,18 +20,20 @@ from typing import Any, Protocol
 import anyio
 
 from config import Settings
-from gateway.backends import ChatTurn, GenerationRequest
+from gateway.backends import ChatTurn, ContentPart, GenerationRequest, Tool, ToolCall, refusal
+from gateway.backends import ImagePart as ImageInput
+from gateway.backends import TextPart as TextInput
 from gateway.cluster.base import StreamMeta, TokenBatch
 from gateway.cluster.control import Cancel, FollowNotice
 from gateway.core.state import ConnectionState
 from gateway.generation import Follow, Generation, follow_notice_interval
 from gateway.hub import Hub, publish_or_unavailable
 from gateway.outbox import Outbox
-from gateway.wire.coalesce import End, Start, StreamRef, Token
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token
 from gateway.wire.codes import ErrorCode
-from gateway.wire.errors import GatewayError, RetryLater
+from gateway.wire.errors import BadRequest, GatewayError, RetryLater
 from gateway.wire.events import Failed
-from gateway.wire.inbound import GenerateMessage
+from gateway.wire.inbound import ChatMessage, GenerateMessage, ImagePart, NamedToolChoice, TextPart
 
 logger = logging.getLogger("gateway.connection")
 
@@ -46,6 +48,50 @@ def new_stream_id() -> str:
 
 def new_epoch() -> str:
     return "e-" + secrets.token_hex(6)
+
+
+def _content(content: str | list[TextPart | ImagePart] | None) -> str | tuple[ContentPart, ...] | None:
+    if content is None or isinstance(content, str):
+        return content
+    return tuple(TextInput(part.text) if isinstance(part, TextPart)
+                 else ImageInput(part.image_url.url, part.image_url.detail) for part in content)
+
+
+def _turn(message: ChatMessage) -> ChatTurn:
+    return ChatTurn(
+        message.role, _content(message.content),
+        tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()),
+        message.tool_call_id,
+    )
+
+
+def generation_request(message: GenerateMessage, stream_id: str, user: str, default_max_tokens: int
+                       ) -> GenerationRequest:
+    """What the backend is asked for: the generate message, validated, in backend terms."""
+    stop = message.stop
+    choice = message.tool_choice
+    return GenerationRequest(
+        id=stream_id,
+        user=user,
+        max_tokens=message.max_tokens or default_max_tokens,
+        prompt=message.prompt,
+        messages=tuple(_turn(m) for m in message.messages or ()),
+        temperature=message.temperature,
+        top_p=message.top_p,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        model=message.model,
+        tools=tuple(Tool(t.function.name, t.function.description, t.function.parameters, t.function.strict)
+                    for t in message.tools or ()),
+        tool_choice=choice if isinstance(choice, str) or choice is None else "function",
+        tool_choice_function=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+        parallel_tool_calls=message.parallel_tool_calls,
+        response_format=(message.response_format.model_dump(by_alias=True, exclude_none=True)
+                         if message.response_format is not None else None),
+        seed=message.seed,
+        reasoning_effort=message.reasoning_effort,
+        frequency_penalty=message.frequency_penalty,
+        presence_penalty=message.presence_penalty,
+    )
 
 
 @dataclass(eq=False)
@@ -102,6 +148,10 @@ class Streams:
             id_taken=stream_id in self.follows or (user, stream_id) in hub.generations,
             draining=hub.draining, following=self.running(),
         )
+        request = generation_request(message, stream_id, user, settings.default_max_tokens)
+        refused = refusal(hub.backend, request)
+        if refused is not None:
+            raise BadRequest(refused)
         accepted_at = anyio.current_time()
         lease = await hub.limits.acquire_generation(user)
         meta = StreamMeta(user=user, id=stream_id, epoch=new_epoch(), node=hub.node_id,
@@ -121,18 +171,6 @@ class Streams:
         if not created:
             await lease.release()
             raise GatewayError("this id was used recently; pick another or resume it", code=ErrorCode.DUPLICATE_ID)
-        stop = message.stop
-        request = GenerationRequest(
-            id=stream_id,
-            user=user,
-            max_tokens=message.max_tokens or settings.default_max_tokens,
-            prompt=message.prompt,
-            messages=tuple(ChatTurn(m.role, m.content) for m in message.messages or ()),
-            temperature=message.temperature,
-            top_p=message.top_p,
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-            model=message.model,
-        )
         generation = Generation(hub, meta, request, lease, accepted_at)
         if message.room is None:
             # The generation sends its own start frame first (see Generation._produce).
@@ -211,9 +249,9 @@ class Streams:
             raise GatewayError(f"at most {limit} generations per connection", code=ErrorCode.TOO_MANY_STREAMS)
         generation = host.hub.generations.get((host.user, stream_id))
         if generation is not None and generation.terminal is None:
-            follow, replay, first = generation.attach_for_resume(host.outbox, after)
+            follow, replay = generation.attach_for_resume(host.outbox, after)
             self.follows[stream_id] = follow
-            host.spawn(self._replay_local, follow, replay, first)
+            host.spawn(self._replay_local, follow, replay)
             return
         meta = await self._stored_meta(stream_id)
         if meta is None:
@@ -222,13 +260,12 @@ class Streams:
         self.follows[stream_id] = remote
         host.spawn(self._follow_store, meta, after, True, remote)
 
-    async def _replay_local(self, follow: Follow, replay: list[str], first: int) -> None:
+    async def _replay_local(self, follow: Follow, replay: list[OutItem]) -> None:
         generation = follow.generation
-        ref = generation.ref
         send = self.host.outbox.send_queued
         await send(generation.start_item(resumed=True))
-        for offset, text in enumerate(replay):
-            await send(Token(ref, first + offset, text))
+        for item in replay:
+            await send(item)
         # Hand over to live delivery: drain what arrived meanwhile, then switch with no
         # await between the last emptiness check and ``live = True``.
         while follow.backlog:

@@ -81,7 +81,7 @@ async def collect(backend: OpenAIBackend, req: GenerationRequest) -> tuple[list[
         async for chunk in backend.stream(req):
             if isinstance(chunk, TokenChunk):
                 texts.append(chunk.text)
-            else:
+            elif isinstance(chunk, FinishChunk):
                 finish = chunk
     except GatewayError as exc:
         return texts, finish, exc

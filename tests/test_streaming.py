@@ -46,7 +46,7 @@ async def test_echo_streams_the_prompt_back_frame_by_frame(serve: Serve) -> None
         hello = ws.hello
         assert hello["type"] == "hello" and hello["user"] == "alice"
         assert hello["protocol"] == "gateway.v1" and hello["heartbeat_s"] == 15
-        assert hello["limits"]["max_message_bytes"] == 65536
+        assert hello["limits"]["max_message_bytes"] == 1 << 20
         await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": prompt}))
         frames = await recv_until(ws, terminal_for("r1"))
     assert frames[0]["type"] == "start" and frames[0]["id"] == "r1"

@@ -11,7 +11,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from config import Settings
-from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.base import SEED, BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
 
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 
@@ -33,6 +33,9 @@ class EchoSettings(BackendSettings):
 class EchoBackend:
     name = "echo"
     settings_model: ClassVar[type[BackendSettings]] = EchoSettings
+    # Its answer is the same for any seed, which it thereby honours; tools, images and the
+    # other features are refused.
+    features = frozenset({SEED})
 
     def __init__(self, settings: Settings) -> None:
         self.delay_s = settings.backend_settings_as(EchoSettings).delay_ms / 1000.0

@@ -24,14 +24,12 @@ Guarantees, in the terms of the backend interface:
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import math
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import aiohttp
@@ -42,7 +40,19 @@ from pydantic_settings import SettingsConfigDict
 
 from config import Settings
 from config.settings import CommaList, split_commas
-from gateway.backends.base import BackendSettings, Chunk, FinishChunk, GenerationRequest, TokenChunk
+from gateway.backends.base import (
+    IMAGES,
+    PENALTIES,
+    REASONING_EFFORT,
+    RESPONSE_FORMAT,
+    SEED,
+    TOOLS,
+    BackendSettings,
+    Chunk,
+    FinishChunk,
+    GenerationRequest,
+)
+from gateway.backends.openai_chat import Usage, message, parse_event, tool_fields
 from gateway.backends.sse import SSEDecoder, SSEError
 from gateway.backends.upstream import error_text, map_finish_reason, retry_after_seconds, sanitize
 from gateway.wire.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
@@ -63,6 +73,8 @@ ERROR_BODY_TIMEOUT_S = 2.0
 # after it, and a new connection would cost the next request a TCP and TLS handshake.
 END_OF_BODY_GRACE_S = 0.1
 ERROR_BODY_BYTES = 4096
+CHAT_FEATURES = frozenset({TOOLS, IMAGES, RESPONSE_FORMAT, SEED, REASONING_EFFORT, PENALTIES})
+COMPLETIONS_FEATURES = frozenset({SEED, PENALTIES})
 
 class _Retry(Exception):
     """An attempt failed before the first token in a way worth another attempt; ``error``
@@ -75,12 +87,6 @@ class _Retry(Exception):
 
 class _WithoutStreamOptions(Exception):
     """The upstream refused ``stream_options``: ask again without it, and count tokens."""
-
-
-@dataclass
-class _Usage:
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
 
 
 def _header_pairs(value: SecretStr | None) -> list[tuple[str, str, str]]:
@@ -153,6 +159,9 @@ class OpenAIBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.openai = openai = settings.backend_settings_as(OpenAISettings)
+        # The Chat Completions API takes everything a request can ask for; the legacy
+        # completions API only a prompt and its sampling.
+        self.features = CHAT_FEATURES if openai.api == "chat" else COMPLETIONS_FEATURES
         self._session: aiohttp.ClientSession | None = None
         self._url = openai.base_url + ("/chat/completions" if openai.api == "chat" else "/completions")
         self._models_url = openai.base_url + "/models"
@@ -234,18 +243,21 @@ class OpenAIBackend:
         if o.api == "chat":
             turns = request.messages or ()
             body["messages"] = (
-                [{"role": turn.role, "content": turn.content} for turn in turns]
-                if turns
-                else [{"role": "user", "content": request.prompt or ""}]
+                [message(turn) for turn in turns] if turns else [{"role": "user", "content": request.prompt or ""}]
             )
+            body.update(tool_fields(request))
+            if request.response_format is not None:
+                body["response_format"] = request.response_format
+            if request.reasoning_effort is not None:
+                body["reasoning_effort"] = request.reasoning_effort
         else:
             body["prompt"] = (
-                request.prompt if request.prompt is not None else "\n\n".join(t.content for t in request.messages)
+                request.prompt if request.prompt is not None else "\n\n".join(t.text for t in request.messages)
             )
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.top_p is not None:
-            body["top_p"] = request.top_p
+        for name in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+            value = getattr(request, name)
+            if value is not None:
+                body[name] = value
         if request.stop:
             body["stop"] = list(request.stop)
         if self._include_usage:
@@ -329,7 +341,8 @@ class OpenAIBackend:
         content = response.content
         text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         decoder = SSEDecoder(max_event_chars=self.openai.max_event_bytes)
-        usage = _Usage()
+        usage = Usage()
+        calls: dict[int, str | None] = {}
         finish: str | None = None
         done = False
         count = 0
@@ -369,10 +382,10 @@ class OpenAIBackend:
                 if event.data.strip() == "[DONE]":
                     done = True
                     break
-                texts, reason = self._parse(event.data, usage)
-                for text in texts:
+                chunks, reason = parse_event(event.data, usage, calls, self._secrets)
+                for chunk in chunks:
                     count += 1
-                    yield TokenChunk(text)
+                    yield chunk
                 if reason is not None:
                     finish = reason
                     if usage.completion_tokens is not None:
@@ -384,48 +397,9 @@ class OpenAIBackend:
             map_finish_reason(finish or "stop"),
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else count,
+            reasoning_tokens=usage.reasoning_tokens,
+            cached_tokens=usage.cached_tokens,
         )
-
-    def _parse(self, data: str, usage: _Usage) -> tuple[list[str], str | None]:
-        """The texts and the finish reason in one event; updates ``usage``."""
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise BackendError("the upstream sent a malformed event") from None
-        if not isinstance(payload, dict):
-            raise BackendError("the upstream sent a malformed event")
-        if payload.get("error") is not None:
-            detail = sanitize(error_text(json.dumps(payload)), self._secrets)
-            raise BackendError("the upstream failed mid-stream" + (f": {detail}" if detail else ""))
-        reported = payload.get("usage")
-        if isinstance(reported, dict):
-            prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
-            usage.prompt_tokens = prompt if isinstance(prompt, int) else usage.prompt_tokens
-            usage.completion_tokens = completion if isinstance(completion, int) else usage.completion_tokens
-        choices = payload.get("choices")
-        if choices is None:
-            choices = []
-        if not isinstance(choices, list):
-            raise BackendError("the upstream sent a malformed event")
-        texts: list[str] = []
-        reason: str | None = None
-        for choice in choices:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            if "delta" in choice:
-                delta = choice["delta"]
-                text = delta.get("content") if isinstance(delta, dict) else None
-            else:
-                text = choice.get("text")
-            if text is not None and not isinstance(text, str):
-                raise BackendError("the upstream sent a malformed event")
-            if text:
-                texts.append(text)
-            finish = choice.get("finish_reason")
-            if isinstance(finish, str) and finish:
-                reason = finish
-        return texts, reason
-
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> str:
     data = bytearray()

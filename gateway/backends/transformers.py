@@ -161,6 +161,8 @@ class TransformersSettings(BackendSettings):
 class TransformersBackend:
     name = "transformers"
     settings_model: ClassVar[type[BackendSettings]] = TransformersSettings
+    # Plain text only: tools, images, response formats and the rest are refused.
+    features: frozenset[str] = frozenset()
 
     def __init__(self, settings: Settings) -> None:
         local = settings.backend_settings_as(TransformersSettings)
@@ -199,10 +201,10 @@ class TransformersBackend:
         assert loaded is not None
         tokenizer = loaded.tokenizer
         if request.prompt is None and request.messages and getattr(tokenizer, "chat_template", None):
-            turns = [{"role": turn.role, "content": turn.content} for turn in request.messages]
+            turns = [{"role": turn.role, "content": turn.text} for turn in request.messages]
             text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         else:
-            text = request.prompt if request.prompt is not None else "\n\n".join(t.content for t in request.messages)
+            text = request.prompt if request.prompt is not None else "\n\n".join(t.text for t in request.messages)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

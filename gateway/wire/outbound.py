@@ -13,7 +13,7 @@ import orjson
 from gateway.wire import PROTOCOL
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import failure
-from gateway.wire.events import Done, Failed, Terminal, Usage
+from gateway.wire.events import Done, Failed, Terminal, ToolCallDelta, Usage
 
 PING_FRAME = '{"type":"ping"}'
 PONG_FRAME = '{"type":"pong"}'
@@ -66,14 +66,23 @@ def encode_room_ack(kind: str, room: str) -> str:
 
 def encode_terminal(stream_id: str, terminal: Terminal) -> str:
     if isinstance(terminal, Done):
-        usage = terminal.usage
         return dumps({
             "type": "done",
             "id": stream_id,
             "finish_reason": terminal.finish_reason,
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
+            "usage": usage_dict(terminal.usage),
         })
     return encode_failure(stream_id, terminal)
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    """``prompt_tokens`` and ``completion_tokens``, and the others when known."""
+    out = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    if usage.reasoning_tokens is not None:
+        out["reasoning_tokens"] = usage.reasoning_tokens
+    if usage.cached_tokens is not None:
+        out["cached_tokens"] = usage.cached_tokens
+    return out
 
 
 def encode_failure(stream_id: str | None, failed: Failed) -> str:
@@ -93,6 +102,20 @@ def encode_exception(stream_id: str | None, exc: BaseException) -> str:
 
 def encode_token(id_json: str, seq: int, text: str) -> str:
     return '{"type":"token","id":' + id_json + ',"seq":' + str(seq) + ',"text":' + dumps(text) + "}"
+
+
+def encode_reasoning(id_json: str, seq: int, text: str) -> str:
+    return '{"type":"reasoning","id":' + id_json + ',"seq":' + str(seq) + ',"text":' + dumps(text) + "}"
+
+
+def encode_tool_call(id_json: str, seq: int, call: ToolCallDelta, arguments: str) -> str:
+    """``call_id`` and ``name`` only on the first frame of each ``index``."""
+    head = '{"type":"tool_call","id":' + id_json + ',"seq":' + str(seq) + ',"index":' + str(call.index)
+    if call.call_id is not None:
+        head += ',"call_id":' + dumps(call.call_id)
+    if call.name is not None:
+        head += ',"name":' + dumps(call.name)
+    return head + ',"arguments":' + dumps(arguments) + "}"
 
 
 def encode_done(stream_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> str:
