@@ -26,6 +26,7 @@ from gateway.backends.echo import split_words
 class Plan:
     # ok | status | hang_headers | hang_before | hang_mid | malformed | drop | end_early | drop_before
     # | reject_stream_options | bytewise (``body`` as the event stream, one byte per HTTP chunk)
+    # | replay (``body`` as the event stream, one event per HTTP chunk; see ``pause_after``)
     kind: str = "ok"
     status: int = 200
     body: str = ""
@@ -38,6 +39,11 @@ class Plan:
     send_done: bool = True
     send_usage: bool = True
     end_delay_s: float = 0.0  # between [DONE] and the end of the body
+    # replay: after this many events, wait for ``resume`` to be set (a test's "now").
+    pause_after: int = -1
+    resume: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)  # set when it waits
+    burst: bool = False  # replay: every event in one HTTP chunk, so they arrive in one read
 
 
 @dataclass
@@ -221,6 +227,9 @@ class FakeUpstream:
             await writer.drain()
             seen.completed = True
             return
+        if kind == "replay":
+            await self._replay(writer, seen, plan)
+            return
         chat = seen.path.endswith("/chat/completions")
         prompt = body.get("prompt", "")
         if chat:
@@ -281,6 +290,24 @@ class FakeUpstream:
             await self._event(writer, "[DONE]")
         if plan.end_delay_s:
             await asyncio.sleep(plan.end_delay_s)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        seen.completed = True
+
+    async def _replay(self, writer: asyncio.StreamWriter, seen: Seen, plan: Plan) -> None:
+        """A recorded event stream, as it was recorded, event by event."""
+        await self._head(writer, 200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})
+        events = [event + "\n\n" for event in plan.body.split("\n\n") if event.strip()]
+        if plan.burst:
+            await self._chunk(writer, "".join(events).encode())
+            events = []
+        for index, event in enumerate(events):
+            if index == plan.pause_after:
+                plan.paused.set()
+                await asyncio.to_thread(plan.resume.wait, 30)
+            data = event.encode()
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         seen.completed = True

@@ -1,0 +1,199 @@
+"""Everything a model streams reaches the client: answer text, reasoning and tool calls,
+from event streams in the shapes upstreams send (``tests/fixtures/upstream/``), through a
+real gateway with the openai backend, byte for byte, also across a resume and for a slow
+reader whose frames are coalesced."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.fake_upstream import FakeUpstream, Plan
+from tests.support import RawClient, Serve, ServerThread, connected, make_settings, mint, recv_until, terminal_for
+
+pytestmark = pytest.mark.anyio
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "upstream"
+RECORDED = sorted(path.stem for path in FIXTURES.glob("*.sse"))
+DELTA_FRAMES = ("token", "reasoning", "tool_call")
+
+
+def recorded(name: str) -> str:
+    return (FIXTURES / f"{name}.sse").read_text()
+
+
+@dataclass
+class Answer:
+    """What a stream adds up to: the text, the reasoning, each call by index."""
+
+    content: str = ""
+    reasoning: str = ""
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    deltas: int = 0  # pieces of any kind, each one seq
+
+
+def expected_from(body: str) -> Answer:
+    """What the upstream sent, read straight from its events."""
+    answer = Answer()
+    for line in body.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: "):])
+        if event.get("usage"):
+            answer.usage = event["usage"]
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") or ""
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+            answer.content += content
+            answer.reasoning += reasoning
+            answer.deltas += bool(content) + bool(reasoning)
+            for call in delta.get("tool_calls") or []:
+                function = call.get("function") or {}
+                answer.deltas += call["index"] not in answer.calls or bool(function.get("arguments"))
+                entry = answer.calls.setdefault(call["index"], {"call_id": "", "name": "", "arguments": ""})
+                entry["call_id"] = entry["call_id"] or call.get("id") or ""
+                entry["name"] = entry["name"] or function.get("name") or ""
+                entry["arguments"] += function.get("arguments") or ""
+            answer.finish_reason = choice.get("finish_reason") or answer.finish_reason
+    return answer
+
+
+def assembled(frames: list[dict[str, Any]], stream_id: str) -> Answer:
+    """What a client makes of the frames, checking the protocol's promises on the way: one
+    seq space that strictly increases, a call's id and name on its first frame only."""
+    answer = Answer()
+    last = -1
+    for frame in frames:
+        if frame.get("id") != stream_id:
+            continue
+        kind = frame["type"]
+        if kind in DELTA_FRAMES:
+            assert frame["seq"] > last, frame
+            last = frame["seq"]
+        if kind == "token":
+            answer.content += frame["text"]
+        elif kind == "reasoning":
+            answer.reasoning += frame["text"]
+        elif kind == "tool_call":
+            index = frame["index"]
+            if index not in answer.calls:
+                assert "call_id" in frame and "name" in frame, frame
+                answer.calls[index] = {"call_id": frame["call_id"], "name": frame["name"], "arguments": ""}
+            else:
+                assert "call_id" not in frame and "name" not in frame, frame
+            answer.calls[index]["arguments"] += frame["arguments"]
+        elif kind == "done":
+            answer.finish_reason = frame["finish_reason"]
+            answer.usage = frame["usage"]
+    return answer
+
+
+def same_stream(got: Answer, want: Answer) -> None:
+    assert got.content == want.content
+    assert got.reasoning == want.reasoning
+    assert got.calls == want.calls
+    assert got.finish_reason == want.finish_reason
+
+
+def gateway(serve: Serve, upstream: FakeUpstream, **overrides: Any) -> ServerThread:
+    return serve(make_settings(backend="openai", openai_base_url=upstream.base_url, upstream_idle_timeout_s=10.0,
+                               **overrides))
+
+
+@pytest.fixture
+def upstream() -> Any:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("name", RECORDED)
+async def test_a_recorded_stream_reaches_the_client_byte_for_byte(serve: Serve, upstream: FakeUpstream,
+                                                                   name: str) -> None:
+    body = recorded(name)
+    upstream.plans.append(Plan(kind="replay", body=body))
+    server = gateway(serve, upstream)
+    async with connected(server, mint()) as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": "go"}))
+        frames = await recv_until(ws, terminal_for("r1"))
+    want = expected_from(body)
+    got = assembled(frames, "r1")
+    same_stream(got, want)
+    usage = want.usage
+    assert got.usage["prompt_tokens"] == usage["prompt_tokens"]
+    assert got.usage["completion_tokens"] == usage["completion_tokens"]
+    details = usage.get("completion_tokens_details") or {}
+    assert got.usage.get("reasoning_tokens") == details.get("reasoning_tokens")
+    assert got.usage.get("cached_tokens") == (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    # One seq space for every kind: the last frame's seq counts them all.
+    assert [f for f in frames if f["type"] in DELTA_FRAMES][-1]["seq"] == want.deltas - 1
+
+
+@pytest.mark.parametrize(("name", "pause_after", "kind"), [
+    ("vllm_reasoning", 12, "reasoning"),
+    ("ollama_reasoning", 5, "reasoning"),
+    ("openai_tool_call", 6, "tool_call"),
+    ("openai_parallel_tool_calls", 9, "tool_call"),
+])
+async def test_a_resume_in_the_middle_of_reasoning_or_of_a_tool_call_loses_and_repeats_nothing(
+        serve: Serve, upstream: FakeUpstream, name: str, pause_after: int, kind: str) -> None:
+    body = recorded(name)
+    plan = Plan(kind="replay", body=body, pause_after=pause_after)
+    upstream.plans.append(plan)
+    server = gateway(serve, upstream, resume_grace_s=10)
+    try:
+        async with connected(server, mint("ann")) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": "go"}))
+            first = await recv_until(ws, lambda f: f["type"] == kind)
+            await anyio.to_thread.run_sync(plan.paused.wait, 10)
+        after = max(f["seq"] for f in first if f["type"] in DELTA_FRAMES)
+        async with connected(server, mint("ann")) as ws:
+            await ws.send(json.dumps({"type": "resume", "id": "r1", "after": after}))
+            resumed = await recv_until(ws, lambda f: f["type"] == "start")
+            plan.resume.set()
+            resumed += await recv_until(ws, terminal_for("r1"))
+    finally:
+        plan.resume.set()
+    want = expected_from(body)
+    held = assembled(first, "r1")
+    # The drop happened in the middle of that kind: some of it had arrived, not all.
+    if kind == "reasoning":
+        assert held.reasoning and len(held.reasoning) < len(want.reasoning)
+    else:
+        assert held.calls and held.calls != want.calls
+    assert all(f["seq"] > after for f in resumed if f["type"] in DELTA_FRAMES)
+    same_stream(assembled(first + resumed, "r1"), want)
+
+
+@pytest.mark.parametrize("name", ["vllm_reasoning", "openai_parallel_tool_calls"])
+async def test_a_slow_reader_gets_coalesced_frames_that_never_mix_kinds(serve: Serve, upstream: FakeUpstream,
+                                                                         name: str) -> None:
+    body = recorded(name)
+    # Every event in one read: the deltas queue up behind the first and are written together.
+    plan = Plan(kind="replay", body=body, burst=True)
+    upstream.plans.append(plan)
+    server = gateway(serve, upstream)
+    reader = RawClient(server.port, mint())
+    try:
+        reader.send_json({"type": "generate", "id": "r1", "prompt": "go"})
+        deadline = time.monotonic() + 10
+        while not any(f.get("type") in ("done", "error") for f in reader.frames):
+            assert time.monotonic() < deadline, "no terminal frame"
+            await anyio.to_thread.run_sync(reader.read_some)
+    finally:
+        reader.close()
+    frames = reader.frames
+    want = expected_from(body)
+    same_stream(assembled(frames, "r1"), want)
+    deltas = [f for f in frames if f.get("type") in DELTA_FRAMES]
+    sent = deltas[-1]["seq"] + 1
+    assert len(deltas) < sent  # merged
+    assert server.metric("gateway_coalesced_tokens_total") == sent - len(deltas)
