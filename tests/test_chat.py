@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.backends.synthetic import synthetic_tokens
+from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import ROOT, SECRET, ServerThread, make_settings, mint
 from tests.tcp_proxy import CuttableProxy
 
@@ -168,3 +169,19 @@ def test_a_long_conversation_drops_its_oldest_exchanges_to_fit_the_prompt_limit(
         assert "prompt_too_long" not in chat.output
         chat.type("\x04")
         assert chat.wait() == 0
+
+
+def test_reasoning_is_dimmed_and_each_tool_call_gets_a_line(terminals: Any) -> None:
+    body = (ROOT / "tests" / "fixtures" / "upstream" / "ollama_tool_call.sse").read_text()
+    with FakeUpstream() as upstream:
+        upstream.plans.append(Plan(kind="replay", body=body))
+        settings = make_settings(backend="openai", openai_base_url=upstream.base_url)
+        with ServerThread(settings) as server:
+            chat = terminals(["chat", "--url", server.url, "--token", mint("ann")])
+            chat.expect(r"connected as ann.*you> ")
+            chat.type("weather in Paris?\n")
+            chat.expect(re.escape("ai> \x1b[2mI should call get_weather.\x1b[0m\n"
+                                  '[tool call get_weather({"city":"Paris"}) id=call_h2m9qz1k]\n'))
+            chat.expect(r"\[tool_calls · 6 tokens")
+            chat.type("\x04")
+            assert chat.wait() == 0

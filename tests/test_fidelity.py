@@ -14,8 +14,10 @@ from typing import Any
 import anyio
 import pytest
 
+from gateway.client import GatewayClient, ReasoningPart, Streams, StreamState, TextPart, ToolCallPart
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import RawClient, Serve, ServerThread, connected, make_settings, mint, recv_until, terminal_for
+from tests.tcp_proxy import CuttableProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -197,3 +199,81 @@ async def test_a_slow_reader_gets_coalesced_frames_that_never_mix_kinds(serve: S
     sent = deltas[-1]["seq"] + 1
     assert len(deltas) < sent  # merged
     assert server.metric("gateway_coalesced_tokens_total") == sent - len(deltas)
+
+
+# The Python client ---------------------------------------------------------------------------
+
+
+def test_the_client_bookkeeping_types_parts_and_assembles_tool_calls() -> None:
+    streams = Streams()
+    streams.add(StreamState("a", {"type": "generate", "id": "a", "prompt": "p"}))
+    streams.on_open()
+    frames = [
+        {"type": "reasoning", "id": "a", "seq": 0, "text": "hm"},
+        {"type": "token", "id": "a", "seq": 1, "text": "Hi"},
+        {"type": "tool_call", "id": "a", "seq": 2, "index": 0, "call_id": "c0", "name": "f", "arguments": "{\"a\""},
+        {"type": "tool_call", "id": "a", "seq": 3, "index": 1, "call_id": "c1", "name": "g", "arguments": "{}"},
+        {"type": "tool_call", "id": "a", "seq": 2, "index": 0, "call_id": "c0", "name": "f", "arguments": "{\"a\""},
+        {"type": "tool_call", "id": "a", "seq": 4, "index": 0, "arguments": ":1}"},
+        {"type": "reasoning", "id": "a", "seq": 4, "text": "replayed"},
+    ]
+    parts = [d.part for f in frames for d in streams.on_frame(f)[0]]
+    assert parts == [ReasoningPart("hm"), TextPart("Hi"), ToolCallPart(0, "{\"a\"", "c0", "f"),
+                     ToolCallPart(1, "{}", "c1", "g"), ToolCallPart(0, ":1}")]
+    (end,), _ = streams.on_frame({"type": "done", "id": "a", "finish_reason": "tool_calls", "usage": {}})
+    assert end.terminal is not None and end.terminal["tool_calls"] == [
+        {"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}},
+        {"id": "c1", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    assert end.stream.reasoning == ["hm"] and end.stream.texts == ["Hi"]
+
+
+@pytest.mark.parametrize("name", ["vllm_reasoning", "openai_parallel_tool_calls", "ollama_tool_call"])
+async def test_the_client_yields_text_typed_parts_and_assembled_tool_calls(serve: Serve, upstream: FakeUpstream,
+                                                                            name: str) -> None:
+    body = recorded(name)
+    upstream.plans.append(Plan(kind="replay", body=body))
+    server = gateway(serve, upstream)
+    async with GatewayClient(server.url, mint()) as client:
+        answer = await client.generate("go")
+        with anyio.fail_after(10):
+            texts = [text async for text in answer]
+            parts = [part async for part in answer.parts()]
+            terminal = await answer.result()
+    want = expected_from(body)
+    assert "".join(texts) == answer.text == want.content
+    assert "".join(p.text for p in parts if isinstance(p, ReasoningPart)) == answer.reasoning == want.reasoning
+    assert {p.kind for p in parts} <= {"text", "reasoning", "tool_call"}
+    calls = [{"id": c["call_id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+             for _, c in sorted(want.calls.items())]
+    assert answer.tool_calls == calls
+    assert terminal.get("tool_calls", []) == calls
+    assert terminal["finish_reason"] == want.finish_reason
+
+
+async def test_the_client_resumes_in_the_middle_of_reasoning(serve: Serve, upstream: FakeUpstream) -> None:
+    body = recorded("vllm_reasoning")
+    plan = Plan(kind="replay", body=body, pause_after=10)
+    upstream.plans.append(plan)
+    server = gateway(serve, upstream, resume_grace_s=10)
+    try:
+        with CuttableProxy(server.port) as proxy:
+            async with GatewayClient(proxy.url, mint(), min_backoff_s=0.05, max_backoff_s=0.1) as client:
+                answer = await client.generate("go")
+                with anyio.fail_after(20):
+                    parts = []
+                    async for part in answer.parts():
+                        parts.append(part)
+                        if proxy.cuts == 0:
+                            await anyio.to_thread.run_sync(plan.paused.wait, 10)
+                            proxy.cut()
+                            while client.opens < 2:
+                                await client.state_changed()
+                            plan.resume.set()
+                    await answer.result()
+    finally:
+        plan.resume.set()
+    want = expected_from(body)
+    assert client.opens == 2
+    assert answer.reasoning == want.reasoning and answer.text == want.content
+    assert "".join(p.text for p in parts if isinstance(p, ReasoningPart)) == want.reasoning

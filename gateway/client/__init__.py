@@ -15,6 +15,10 @@ once and in order, across any number of reconnects, or the generation ends with 
             print(text, end="", flush=True)
         terminal = await answer.result()
 
+``answer.parts()`` yields every part typed (``TextPart``, ``ReasoningPart``,
+``ToolCallPart``), ``answer.reasoning`` is the reasoning so far and ``answer.tool_calls`` the
+tool calls, assembled; a ``done`` terminal frame carries them too, as ``tool_calls``.
+
 The bookkeeping of streams (``Streams``) does no I/O: it takes the frames that arrive and
 returns the frames to send, so it is testable without a network.
 """
@@ -22,7 +26,7 @@ returns the frames to send, so it is testable without a network.
 from gateway.client.connection import GatewayClient, backoff_delay, connect
 from gateway.client.generation import Generation
 from gateway.client.streams import DISCONNECTED, STREAM_LOST, Delivery, Streams, StreamState
-from gateway.client.types import GatewayError, StateChange
+from gateway.client.types import GatewayError, Part, ReasoningPart, StateChange, TextPart, ToolCallPart
 from gateway.wire.codes import CLOSE_RULES, describe_close, should_reconnect
 
 # What each close code means, for a caller to show: a view of the protocol's one table.
@@ -36,9 +40,13 @@ __all__ = [
     "GatewayClient",
     "GatewayError",
     "Generation",
+    "Part",
+    "ReasoningPart",
     "StateChange",
     "StreamState",
     "Streams",
+    "TextPart",
+    "ToolCallPart",
     "backoff_delay",
     "connect",
     "describe_close",

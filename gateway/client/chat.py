@@ -1,6 +1,7 @@
 """``gateway chat``: an interactive terminal chat on ``gateway.client``.
 
-Tokens are printed as they arrive. Ctrl-C cancels the answer being streamed; at the
+Tokens are printed as they arrive, the model's reasoning dimmed (on a terminal), and each
+tool call on one line once it is complete. Ctrl-C cancels the answer being streamed; at the
 prompt, or pressed again before the cancelled answer has ended, it quits, as does Ctrl-D.
 A dropped connection is reconnected and the answer resumes where it stopped (the client
 guarantees no token is printed twice or skipped). Notices about the connection go to
@@ -19,7 +20,10 @@ from typing import Any, TextIO
 import anyio
 
 from gateway.client import GatewayClient, GatewayError, Generation, StateChange, describe_close
-from gateway.client.types import TokenSource
+from gateway.client.types import TokenSource, ToolCallPart
+
+DIM = "\x1b[2m"
+RESET = "\x1b[0m"
 
 
 class LineReader:
@@ -80,9 +84,15 @@ def format_stats(answer: Generation) -> str:
     return "[" + " · ".join(parts) + "]"
 
 
+def format_tool_call(call: dict[str, Any]) -> str:
+    function = call["function"]
+    return f"[tool call {function['name']}({function['arguments']}) id={call['id']}]"
+
+
 class Chat:
     def __init__(self, client: GatewayClient, *, max_tokens: int | None, out: TextIO, err: TextIO) -> None:
         self.client = client
+        self.dim, self.reset = (DIM, RESET) if out.isatty() else ("", "")
         self.max_tokens = max_tokens
         self.out = out
         self.err = err
@@ -134,6 +144,50 @@ class Chat:
                 continue
             await self.answer(line)
 
+    async def show(self, answer: Generation) -> None:
+        """Write the answer's parts as they arrive: text as is, reasoning dimmed, each tool
+        call on a line of its own once complete (when a part of anything else follows it)."""
+        out = self.out
+        style = ""  # what the text written last is: "" (answer), "reasoning", "call"
+        shown: set[int] = set()
+        call: int | None = None  # the tool call whose fragments are arriving
+
+        def switch(to: str) -> None:
+            nonlocal style
+            if to == style:
+                return
+            if style == "reasoning":
+                out.write(self.reset + "\n")
+                self.mid_line = False
+            if to == "reasoning":
+                out.write(self.dim)
+            style = to
+
+        def show_call(index: int) -> None:
+            calls = answer.tool_calls
+            if index < len(calls) and index not in shown:
+                shown.add(index)
+                out.write(("\n" if self.mid_line else "") + format_tool_call(calls[index]) + "\n")
+                self.mid_line = False
+
+        async for part in answer.parts():
+            if call is not None and not (isinstance(part, ToolCallPart) and part.index == call):
+                show_call(call)
+                call = None
+            if isinstance(part, ToolCallPart):
+                switch("call")
+                call = part.index
+                continue
+            switch("reasoning" if part.kind == "reasoning" else "")
+            out.write(part.text)
+            out.flush()
+            self.mid_line = True
+        if call is not None:
+            show_call(call)
+        for index in range(len(answer.tool_calls)):
+            show_call(index)
+        switch("")
+
     def fit(self, turn: dict[str, str]) -> list[dict[str, str]]:
         """The conversation to send: the oldest exchanges are dropped until it fits the
         server's ``max_prompt_chars`` (from its hello), instead of the whole turn failing
@@ -162,15 +216,12 @@ class Chat:
         self.out.write("ai> ")
         self.mid_line = True
         try:
-            async for text in answer:
-                self.out.write(text)
-                self.out.flush()
-                self.mid_line = True
+            await self.show(answer)
             await answer.result()
         finally:
             self.current = None
-            self.mid_line = False
-        self.out.write("\n" + format_stats(answer) + "\n")
+            mid_line, self.mid_line = self.mid_line, False
+        self.out.write(("\n" if mid_line else "") + format_stats(answer) + "\n")
         self.out.flush()
         terminal = answer.terminal or {}
         if terminal.get("type") == "done" and terminal.get("finish_reason") != "cancelled":

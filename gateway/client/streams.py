@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.client.types import Part, ReasoningPart, TextPart, ToolCallPart
 from gateway.wire.peer import encode_client_frame
 
 # Error codes the client itself puts in a generation's terminal frame.
@@ -35,24 +36,54 @@ class StreamState:
     cancel_requested: bool = False
     terminal: dict[str, Any] | None = None
     texts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    # Each tool call by index, assembled: {"id", "type", "function": {"name", "arguments"}}.
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def assembled_tool_calls(self) -> list[dict[str, Any]]:
+        """The calls in the shape of an OpenAI assistant message's ``tool_calls``."""
+        calls = []
+        for index in sorted(self.tool_calls):
+            call = self.tool_calls[index]
+            calls.append({"id": call["id"], "type": "function",
+                          "function": {"name": call["name"], "arguments": "".join(call["arguments"])}})
+        return calls
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Text for a generation, or its terminal frame."""
+    """A part of a generation (``text`` is set for answer text), or its terminal frame."""
 
     stream: StreamState
     text: str | None = None
     terminal: dict[str, Any] | None = None
+    part: Part | None = None
+
+
+def _part(frame: dict[str, Any]) -> Part | None:
+    """The part a delta frame carries, or None for a malformed one."""
+    kind = frame.get("type")
+    if kind == "tool_call":
+        index, arguments = frame.get("index"), frame.get("arguments")
+        call_id, name = frame.get("call_id"), frame.get("name")
+        if (not isinstance(index, int) or not isinstance(arguments, str)
+                or not isinstance(call_id, str | None) or not isinstance(name, str | None)):
+            return None
+        return ToolCallPart(index, arguments, call_id, name)
+    text = frame.get("text")
+    if not isinstance(text, str):
+        return None
+    return TextPart(text) if kind == "token" else ReasoningPart(text)
 
 
 class Streams:
     """Turns inbound frames into deliveries and says what to send; never does I/O.
 
-    Every method returns the frames the caller must send, in order. Guarantees: a token
-    frame whose ``seq`` is not beyond what was delivered is dropped, so a replay never
-    delivers text twice; a resume always asks for what follows the last delivered ``seq``,
-    so nothing is skipped; every stream gets exactly one terminal delivery.
+    Every method returns the frames the caller must send, in order. Guarantees: a delta
+    frame (token, reasoning, tool_call: one ``seq`` space) whose ``seq`` is not beyond
+    what was delivered is dropped, so a replay never delivers anything twice; a resume
+    always asks for what follows the last delivered ``seq``, so nothing is skipped; every
+    stream gets exactly one terminal delivery.
     """
 
     def __init__(self) -> None:
@@ -111,13 +142,23 @@ class Streams:
         stream = self.streams.get(frame_id) if isinstance(frame_id, str) else None
         if stream is None:
             return [], []
-        if kind == "token":
-            seq, text = frame.get("seq"), frame.get("text")
-            if not isinstance(seq, int) or not isinstance(text, str) or seq <= stream.last_seq:
+        if kind in ("token", "reasoning", "tool_call"):
+            seq = frame.get("seq")
+            part = _part(frame)
+            if not isinstance(seq, int) or part is None or seq <= stream.last_seq:
                 return [], []
             stream.last_seq = seq
-            stream.texts.append(text)
-            return [Delivery(stream, text=text)], []
+            if isinstance(part, TextPart):
+                stream.texts.append(part.text)
+                return [Delivery(stream, text=part.text, part=part)], []
+            if isinstance(part, ReasoningPart):
+                stream.reasoning.append(part.text)
+            else:
+                call = stream.tool_calls.setdefault(part.index, {"id": "", "name": "", "arguments": []})
+                call["id"] = call["id"] or part.call_id or ""
+                call["name"] = call["name"] or part.name or ""
+                call["arguments"].append(part.arguments)
+            return [Delivery(stream, part=part)], []
         if kind == "start":
             epoch = frame.get("epoch")
             if frame.get("resumed"):
@@ -131,6 +172,8 @@ class Streams:
                 stream.epoch = epoch
             return [], []
         if kind == "done":
+            if stream.tool_calls:
+                frame = {**frame, "tool_calls": stream.assembled_tool_calls()}
             return [self._end(stream, frame)], []
         if kind == "error":
             if stream.resuming and frame.get("code") == "not_found" and stream.epoch is None:
