@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import re
 import shutil
@@ -18,8 +19,10 @@ import httpx
 import pytest
 
 from tests.conftest import require_modules
+from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import ROOT, SECRET, ServerProcess, metric_value, mint
 from tests.tcp_proxy import CuttableProxy
+from tests.test_fidelity import expected_from, recorded
 
 pytestmark = pytest.mark.slow
 
@@ -136,6 +139,79 @@ def test_demo_page_streams_cancels_and_survives_a_dropped_connection(gateway: Se
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
+
+
+def connect_page(page: Any, url: str, user: str = "alice") -> None:
+    page.goto(url)
+    page.fill("#token", mint(user))
+    page.click("#connect")
+    page.wait_for_function(f"document.getElementById('state').textContent === 'connected as {user}'",
+                           timeout=WAIT_MS)
+
+
+HOSTILE = ('<script>window.__pwned = "script"</script> <img src=x onerror="window.__pwned = \'img\'"> '
+           '<svg onload="window.__pwned = \'svg\'"></svg> [link](javascript:window.__pwned=\'link\') **bold**')
+
+
+def test_the_demo_page_shows_markup_in_an_answer_as_text_and_never_runs_it(gateway: ServerProcess, page: Any) -> None:
+    connect_page(page, gateway.http + "/")
+    ask(page, HOSTILE)
+    page.wait_for_selector(".answer[data-state='stop']", timeout=WAIT_MS)
+    # The same markup, put into this page as HTML, does run: the browser would have run it.
+    page.evaluate("""() => { const probe = document.createElement('div');
+        probe.innerHTML = '<img src=x onerror="window.__control = true">'; document.body.append(probe); }""")
+    page.wait_for_function("window.__control === true", timeout=WAIT_MS)
+    assert page.evaluate("window.__pwned") is None
+    text = page.locator(".answer .text").first
+    assert text.locator("script, img, svg, a").count() == 0
+    assert text.locator("strong").text_content() == "bold"
+    shown = str(text.text_content())
+    assert '<script>window.__pwned = "script"</script>' in shown and 'onerror="window.__pwned' in shown
+    assert "[link](javascript:" in shown
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def model_gateway(upstream: FakeUpstream) -> Iterator[ServerProcess]:
+    """A gateway on the openai backend, whose upstream replays recorded event streams."""
+    env = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_BACKEND": "openai", "GATEWAY_OPENAI_BASE_URL": upstream.base_url,
+           "GATEWAY_WS_PING_INTERVAL_S": "0"}
+    with ServerProcess(env) as server:
+        yield server
+
+
+def test_the_demo_page_shows_reasoning_folded_tool_calls_as_cards_and_markdown(
+        model_gateway: ServerProcess, upstream: FakeUpstream, page: Any) -> None:
+    connect_page(page, model_gateway.http + "/")
+    reasoning_body, call_body = recorded("vllm_reasoning"), recorded("ollama_tool_call")
+    upstream.plans.extend([Plan(kind="replay", body=reasoning_body), Plan(kind="replay", body=call_body)])
+
+    answer = ask(page, "how many r in strawberry?")
+    page.wait_for_selector(".answer[data-state='stop']", timeout=WAIT_MS)
+    want = expected_from(reasoning_body)
+    assert answer.locator(".reasoning .reasoning-text").text_content() == want.reasoning
+    assert answer.locator(".reasoning").evaluate("details => details.open") is False
+    text = answer.locator(".text")
+    assert text.locator("strong").all_text_contents() == ["3", "r", "rr"]
+    assert text.locator("em").all_text_contents() == ["strawberry"]
+    assert text.locator("ul > li").count() == 1
+
+    answer = ask(page, "weather in Paris?")
+    page.wait_for_selector(".answer[data-state='tool_calls']", timeout=WAIT_MS)
+    want = expected_from(call_body)
+    assert answer.locator(".reasoning .reasoning-text").text_content() == want.reasoning
+    card = answer.locator(".tool-card")
+    assert card.count() == 1 and card.get_attribute("data-complete") == "true"
+    assert card.locator(".tool-name").text_content() == want.calls[0]["name"]
+    assert card.locator(".tool-id").text_content() == want.calls[0]["call_id"]
+    assert json.loads(str(card.locator(".tool-args").text_content())) == json.loads(want.calls[0]["arguments"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-page-reasoning-and-tools.png"), full_page=True)
 
 
 def test_the_demo_page_explains_a_refused_token_and_a_policy_close(gateway: ServerProcess, page: Any) -> None:

@@ -18,6 +18,7 @@ from gateway.client import GatewayClient, ReasoningPart, Streams, StreamState, T
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import RawClient, Serve, ServerThread, connected, make_settings, mint, recv_until, terminal_for
 from tests.tcp_proxy import CuttableProxy
+from tests.test_close_codes import run_module
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +278,56 @@ async def test_the_client_resumes_in_the_middle_of_reasoning(serve: Serve, upstr
     assert client.opens == 2
     assert answer.reasoning == want.reasoning and answer.text == want.content
     assert "".join(p.text for p in parts if isinstance(p, ReasoningPart)) == want.reasoning
+
+
+# The browser SDK, under node, on a socket the test plays the server of -----------------------
+
+
+def test_the_browser_sdk_yields_text_typed_parts_and_assembled_tool_calls() -> None:
+    frames = [
+        {"type": "start", "id": "a", "epoch": "e1"},
+        {"type": "reasoning", "id": "a", "seq": 0, "text": "hm"},
+        {"type": "token", "id": "a", "seq": 1, "text": "Hi"},
+        {"type": "tool_call", "id": "a", "seq": 2, "index": 0, "call_id": "c0", "name": "f", "arguments": "{\"a\""},
+        {"type": "tool_call", "id": "a", "seq": 3, "index": 1, "call_id": "c1", "name": "g", "arguments": "{}"},
+        {"type": "tool_call", "id": "a", "seq": 2, "index": 0, "call_id": "c0", "name": "f", "arguments": "{\"a\""},
+        {"type": "tool_call", "id": "a", "seq": 4, "index": 0, "arguments": ":1}"},
+        {"type": "done", "id": "a", "finish_reason": "tool_calls",
+         "usage": {"prompt_tokens": 1, "completion_tokens": 5}},
+    ]
+    seen = run_module(f"""
+class FakeSocket {{
+  constructor() {{ FakeSocket.last = this; this.readyState = 1; this.sent = []; }}
+  send(text) {{ this.sent.push(JSON.parse(text)); }}
+  close() {{}}
+}}
+const client = sdk.connect({{ url: "ws://gateway.test/ws", token: "t", WebSocket: FakeSocket }});
+await new Promise((resolve) => setTimeout(resolve, 0));
+const socket = FakeSocket.last;
+socket.onmessage({{ data: JSON.stringify({{ type: "hello", heartbeat_s: 15 }}) }});
+const answer = client.generate("hi", {{ id: "a" }});
+const listened = [];
+answer.onPart((part) => listened.push(part.kind));
+for (const frame of {json.dumps(frames)}) socket.onmessage({{ data: JSON.stringify(frame) }});
+const texts = [];
+for await (const text of answer) texts.push(text);
+const parts = [];
+for await (const part of answer.parts()) parts.push(part);
+const terminal = await answer.done;
+client.close();
+console.log(JSON.stringify({{ texts, parts, listened, reasoning: answer.reasoning, text: answer.text,
+                              toolCalls: answer.toolCalls, terminal, tokens: answer.tokens }}));
+""")
+    assert seen["texts"] == ["Hi"] and seen["text"] == "Hi" and seen["reasoning"] == "hm"
+    assert seen["parts"] == [
+        {"kind": "reasoning", "text": "hm"}, {"kind": "text", "text": "Hi"},
+        {"kind": "tool_call", "index": 0, "callId": "c0", "name": "f", "arguments": "{\"a\""},
+        {"kind": "tool_call", "index": 1, "callId": "c1", "name": "g", "arguments": "{}"},
+        {"kind": "tool_call", "index": 0, "arguments": ":1}"},
+    ]
+    assert seen["listened"] == ["reasoning", "text", "tool_call", "tool_call", "tool_call"]
+    calls = [{"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}},
+             {"id": "c1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    assert seen["toolCalls"] == calls
+    assert seen["terminal"]["tool_calls"] == calls and seen["terminal"]["finish_reason"] == "tool_calls"
+    assert seen["tokens"] == 5

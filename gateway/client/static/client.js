@@ -6,7 +6,13 @@
 //   for await (const text of answer) output.textContent += text;
 //   const terminal = await answer.done;   // {"type":"done",…} or {"type":"error",…}
 //
-// Guarantee: each token's text is yielded once and in order, across any number of
+// Everything else a model streams comes as typed parts: `for await (const part of
+// answer.parts())` yields {kind: "text", text}, {kind: "reasoning", text} and
+// {kind: "tool_call", index, callId, name, arguments} (a fragment); `answer.reasoning` and
+// `answer.toolCalls` (assembled, [{id, type: "function", function: {name, arguments}}]) hold
+// what arrived, and a "done" terminal frame carries the calls as `tool_calls`.
+//
+// Guarantee: each part is yielded once and in order, across any number of
 // reconnects, or the generation ends with an "error" terminal frame saying why not. The
 // client reconnects with exponential backoff and jitter (1 s up to 30 s), never after a
 // close that retrying cannot fix (1000, 1008, 1009; 4001 with a fixed token), and after each reconnect resumes every
@@ -85,7 +91,8 @@ function cancelledFrame(id) {
   return { type: "done", id, finish_reason: "cancelled", usage: { prompt_tokens: 0, completion_tokens: 0 } };
 }
 
-/** One answer: an async iterator of text, and `done`, a promise of its terminal frame. */
+/** One answer: an async iterator of its text, `parts()` for every part typed, and `done`,
+ *  a promise of its terminal frame. */
 export class Generation {
   constructor(client, id, request) {
     this.client = client;
@@ -94,6 +101,7 @@ export class Generation {
     this.epoch = null;
     this.lastSeq = -1;
     this.text = "";
+    this.reasoning = "";
     this.terminal = null;
     this.createdAt = performance.now();
     this.firstTokenAt = null;
@@ -101,37 +109,61 @@ export class Generation {
     this._sent = false;
     this._resuming = false;
     this._cancelRequested = false;
-    this._chunks = [];
-    this._wake = null;
+    this._parts = [];
+    this._calls = [];  // by index: {id, type, function: {name, arguments}}
+    this._wakers = [];
     this._listeners = [];
+    this._partListeners = [];
     this.done = new Promise((resolve) => { this._resolve = resolve; });
   }
 
-  /** Tokens received so far: the last seq plus one. */
+  /** Deltas received so far, of every kind: the last seq plus one. */
   get tokens() { return this.lastSeq + 1; }
 
-  /** Called with each piece of text as it arrives (an alternative to iterating). */
+  /** The tool calls so far, assembled, in the shape an assistant message sends them back. */
+  get toolCalls() { return this._calls.filter(Boolean).map((c) => ({ ...c, function: { ...c.function } })); }
+
+  /** Called with each piece of answer text as it arrives (an alternative to iterating). */
   onText(listener) { this._listeners.push(listener); return this; }
+
+  /** Called with each part as it arrives: {kind: "text"|"reasoning"|"tool_call", …}. */
+  onPart(listener) { this._partListeners.push(listener); return this; }
 
   cancel() { this.client.cancel(this.id); }
 
+  /** The answer's text, piece by piece (other parts are skipped: see parts()). */
   async *[Symbol.asyncIterator]() {
+    for await (const part of this.parts()) if (part.kind === "text") yield part.text;
+  }
+
+  /** Every part as it arrives, typed. Each iterator sees every part from the start. */
+  async *parts() {
+    let cursor = 0;
     while (true) {
-      if (this._chunks.length) { yield this._chunks.shift(); continue; }
+      if (cursor < this._parts.length) { yield this._parts[cursor++]; continue; }
       if (this.terminal) return;
-      await new Promise((resolve) => { this._wake = resolve; });
+      await new Promise((resolve) => { this._wakers.push(resolve); });
     }
   }
 
-  _push(text) {
+  _push(part) {
     if (this.firstTokenAt === null) this.firstTokenAt = performance.now();
-    this.text += text;
-    this._chunks.push(text);
-    for (const listener of this._listeners) listener(text);
+    if (part.kind === "text") this.text += part.text;
+    else if (part.kind === "reasoning") this.reasoning += part.text;
+    else {
+      const call = this._calls[part.index] ??= { id: "", type: "function", function: { name: "", arguments: "" } };
+      call.id ||= part.callId ?? "";
+      call.function.name ||= part.name ?? "";
+      call.function.arguments += part.arguments;
+    }
+    this._parts.push(part);
+    if (part.kind === "text") for (const listener of this._listeners) listener(part.text);
+    for (const listener of this._partListeners) listener(part);
     this._notify();
   }
 
   _end(frame) {
+    if (frame.type === "done" && this._calls.length) frame = { ...frame, tool_calls: this.toolCalls };
     this.terminal = frame;
     this.finishedAt = performance.now();
     this._resolve(frame);
@@ -139,10 +171,21 @@ export class Generation {
   }
 
   _notify() {
-    const wake = this._wake;
-    this._wake = null;
-    if (wake) wake();
+    const wakers = this._wakers;
+    this._wakers = [];
+    for (const wake of wakers) wake();
   }
+}
+
+/** The part a delta frame carries, or null for one this client cannot read. */
+function partOf(frame) {
+  if (frame.type === "tool_call") {
+    if (typeof frame.index !== "number" || typeof frame.arguments !== "string") return null;
+    return { kind: "tool_call", index: frame.index, callId: frame.call_id, name: frame.name,
+             arguments: frame.arguments };
+  }
+  if (typeof frame.text !== "string") return null;
+  return { kind: frame.type === "token" ? "text" : "reasoning", text: frame.text };
 }
 
 /**
@@ -315,11 +358,16 @@ export class GatewayClient extends EventTarget {
     if (!g) return;
     switch (frame.type) {
       case "token":
-        // A frame carries the tokens up to and including seq: one already seen is a replay.
-        if (typeof frame.seq !== "number" || frame.seq <= g.lastSeq) return;
+      case "reasoning":
+      case "tool_call": {
+        // Every kind shares one seq space, and a frame carries the deltas up to and
+        // including its seq: one already seen is a replay.
+        const part = partOf(frame);
+        if (typeof frame.seq !== "number" || frame.seq <= g.lastSeq || part === null) return;
         g.lastSeq = frame.seq;
-        g._push(frame.text);
+        g._push(part);
         return;
+      }
       case "start":
         if (frame.resumed) {
           g._resuming = false;
