@@ -38,7 +38,7 @@ from gateway.cluster.base import Lease, StreamMeta, StreamStore, TokenBatch
 from gateway.cluster.control import ControlMessage, RoomEnd, RoomEvent, RoomEvents, RoomStart, RoomTokens
 from gateway.core.ports import Follower
 from gateway.metrics import Metrics
-from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, failure
 from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, Terminal, ToolCallDelta, Usage
@@ -428,7 +428,7 @@ class Generation:
                         await store.touch(meta)
                     last_write = anyio.current_time()
                 continue
-            batch = TokenBatch(self._stored, tuple(self.tokens[self._stored:]))
+            batch = self._pending_batch()
             started = anyio.current_time()
             try:
                 if self._producing:
@@ -448,8 +448,8 @@ class Generation:
             last_write = anyio.current_time()
             self._stored += len(batch.texts)
             if in_room:
-                await self._publish_room(
-                    RoomTokens(meta.id, batch.first_seq + len(batch.texts) - 1, "".join(batch.texts)))
+                await self._publish_room(*(RoomTokens(meta.id, last_seq, text, kind) for last_seq, text, kind
+                                           in delta_runs(batch.first_seq, batch.texts, batch.kinds)))
                 continue
             linger = started + self._write_interval() - anyio.current_time()
             if linger > 0 and self._producing:
@@ -459,6 +459,12 @@ class Generation:
                 finally:
                     self._flusher_lingering = False
         await self._store_terminal(lost)
+
+    def _pending_batch(self) -> TokenBatch:
+        """The deltas not yet stored, with their kinds when some are not answer text."""
+        first = self._stored
+        kinds = self.kinds
+        return TokenBatch(first, tuple(self.tokens[first:]), tuple(kinds[first:]) if kinds is not None else None)
 
     async def _store_terminal(self, lost: bool) -> None:
         terminal = self.terminal
@@ -480,9 +486,9 @@ class Generation:
         # Followers elsewhere end when the stream's metadata expires (GATEWAY_RESUME_TTL_S).
         logger.error("stream=%s could not store its terminal frame", self.meta.id)
 
-    async def _publish_room(self, event: RoomEvent) -> None:
+    async def _publish_room(self, *events: RoomEvent) -> None:
         assert self.meta.room is not None
         try:
-            await self.hub.publish(RoomEvents(self.meta.room, (event,)))
+            await self.hub.publish(RoomEvents(self.meta.room, events))
         except Exception:
             logger.warning("room=%s stream=%s could not publish frames", self.meta.room, self.meta.id)

@@ -37,7 +37,7 @@ from gateway.core.state import SHUTTING_DOWN
 from gateway.generation import Generation
 from gateway.metrics import Metrics
 from gateway.supervise import supervise
-from gateway.wire.coalesce import End, Frame, OutItem, Start, StreamRef, Token
+from gateway.wire.coalesce import End, Frame, OutItem, Start, StreamRef, delta_item
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import RetryLater
 from gateway.wire.outbound import encode_broadcast, encode_presence
@@ -59,7 +59,7 @@ def room_items(message: RoomEvents) -> list[tuple[OutItem, bool]]:
     room = message.room
     for event in message.events:
         if isinstance(event, RoomTokens):
-            items.append((Token(StreamRef.of(event.id), event.last_seq, event.text), False))
+            items.append((delta_item(StreamRef.of(event.id), event.last_seq, event.text, event.kind), False))
         elif isinstance(event, RoomStart):
             items.append((Start(StreamRef.of(event.id), event.epoch, room), False))
         elif isinstance(event, RoomEnd):

@@ -29,7 +29,7 @@ from gateway.core.state import ConnectionState
 from gateway.generation import Follow, Generation, follow_notice_interval
 from gateway.hub import Hub, publish_or_unavailable
 from gateway.outbox import Outbox
-from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import BadRequest, GatewayError, RetryLater
 from gateway.wire.events import Failed
@@ -291,8 +291,12 @@ class Streams:
                         await send(Start(ref, meta.epoch, meta.room, True))
                     async for event in self.host.hub.store.follow(meta, after):
                         if isinstance(event, TokenBatch):
-                            for offset, text in enumerate(event.texts):
-                                await send(Token(ref, event.first_seq + offset, text))
+                            if event.kinds is None:
+                                for offset, text in enumerate(event.texts):
+                                    await send(Token(ref, event.first_seq + offset, text))
+                            else:
+                                for last_seq, text, kind in delta_runs(event.first_seq, event.texts, event.kinds):
+                                    await send(delta_item(ref, last_seq, text, kind))
                         else:
                             await send(End(ref, event))
                             break

@@ -28,7 +28,7 @@ from gateway.cluster.control import (
 )
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
-from gateway.wire.events import Done, Failed, Usage
+from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, ToolCallDelta, Usage
 from tests.redis_support import TEST_REDIS_URL, require_redis, unique_prefix
 from tests.support import make_settings
 
@@ -159,6 +159,42 @@ async def test_follow_replays_after_seq_then_the_live_tail_then_the_terminal(par
     assert await collect(store.follow(meta, 100)) == [Done("stop", Usage(1, 6))]
 
 
+def deltas_of(events: list[StreamEvent]) -> list[tuple[int, str, DeltaKind]]:
+    """Each delta with its seq and kind, as the batches carry them."""
+    out = []
+    for batch in (e for e in events if isinstance(e, TokenBatch)):
+        kinds = batch.kinds if batch.kinds is not None else (TEXT,) * len(batch.texts)
+        assert len(kinds) == len(batch.texts)
+        out += [(batch.first_seq + i, text, kind)
+                for i, (text, kind) in enumerate(zip(batch.texts, kinds, strict=True))]
+    return out
+
+
+CALL = ToolCallDelta(0, "call_abc", "get_weather")
+MORE = ToolCallDelta(0)
+SECOND = ToolCallDelta(1, "call_def", None)
+
+
+async def test_the_store_keeps_the_kind_of_every_delta(parts: Any) -> None:
+    store = parts[0]
+    meta = meta_for(parts)
+    await store.create(meta)
+    # Text only first (no kinds: the common case), then every kind, then text again.
+    await store.write(meta, TokenBatch(0, ("Let", " me")))
+    await store.write(meta, TokenBatch(2, ("think", "", '{"ci', "ty", "{}", "Done"),
+                                       (REASONING, CALL, MORE, MORE, SECOND, TEXT)))
+    await store.write(meta, TokenBatch(8, ("!",)))
+    await store.finish(meta, Done("tool_calls", Usage(3, 9, 1, 64)))
+    expected = [(0, "Let", TEXT), (1, " me", TEXT), (2, "think", REASONING), (3, "", CALL), (4, '{"ci', MORE),
+                (5, "ty", MORE), (6, "{}", SECOND), (7, "Done", TEXT), (8, "!", TEXT)]
+    events = await collect(store.follow(meta, -1))
+    assert deltas_of(events) == expected
+    assert events[-1] == Done("tool_calls", Usage(3, 9, 1, 64))
+    # A resume after any seq, of any kind, gets the rest with its kinds, once each.
+    for after in range(-1, 9):
+        assert deltas_of(await collect(store.follow(meta, after))) == expected[after + 1:]
+
+
 async def test_resumable_lists_the_users_streams(parts: Any) -> None:
     store = parts[0]
     for stream_id in ("x1", "x2"):
@@ -252,7 +288,10 @@ MESSAGES: list[ControlMessage] = [
     Broadcast("only you", user="u2"),
     RoomEvents("lobby", (Presence("u1", "join"),), origin="c-1"),
     RoomEvents("lobby", (RoomStart("r1", "e-1"), RoomTokens("r1", 3, "abc"),
-                         RoomEnd("r1", Done("stop", Usage(2, 4))),
+                         RoomTokens("r1", 5, "hm", REASONING), RoomTokens("r1", 6, "", ToolCallDelta(0, "c", "f")),
+                         RoomTokens("r1", 8, '{"a":1}', ToolCallDelta(0)),
+                         RoomEnd("r1", Done("tool_calls", Usage(2, 9, 2, 0))),
+                         RoomEnd("r3", Done("stop", Usage(2, 4))),
                          RoomEnd("r2", Failed("backend_error", "it broke", {"upstream_status": 502})))),
 ]
 

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.client import GatewayClient, ReasoningPart, Streams, StreamState, TextPart, ToolCallPart
 from tests.fake_upstream import FakeUpstream, Plan
+from tests.redis_support import TEST_REDIS_URL, require_redis, unique_prefix
 from tests.support import RawClient, Serve, ServerThread, connected, make_settings, mint, recv_until, terminal_for
 from tests.tcp_proxy import CuttableProxy
 from tests.test_close_codes import run_module
@@ -331,3 +332,68 @@ console.log(JSON.stringify({{ texts, parts, listened, reasoning: answer.reasonin
     assert seen["toolCalls"] == calls
     assert seen["terminal"]["tool_calls"] == calls and seen["terminal"]["finish_reason"] == "tool_calls"
     assert seen["tokens"] == 5
+
+
+# The stores keep the kinds ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "after_kind"), [("ollama_tool_call", "reasoning"),
+                                                   ("openai_parallel_tool_calls", "tool_call")])
+async def test_a_finished_generation_replays_every_kind_from_the_store(serve: Serve, upstream: FakeUpstream,
+                                                                       name: str, after_kind: str) -> None:
+    body = recorded(name)
+    upstream.plans.append(Plan(kind="replay", body=body))
+    server = gateway(serve, upstream)
+    async with connected(server, mint("bo")) as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": "go"}))
+        original = await recv_until(ws, terminal_for("r1"))
+    # After the first delta of that kind: the replay comes from the store, not the generation.
+    after = next(f["seq"] for f in original if f["type"] == after_kind)
+    async with connected(server, mint("bo")) as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "r1", "after": after}))
+        replay = await recv_until(ws, terminal_for("r1"))
+    held = [f for f in original if f["type"] not in DELTA_FRAMES or f["seq"] <= after]
+    assert any(f["type"] in DELTA_FRAMES for f in replay)
+    same_stream(assembled(held + replay, "r1"), expected_from(body))
+    assert replay[-1] == original[-1]
+
+
+async def test_a_resume_on_another_process_relays_every_kind_from_redis(serve: Serve, upstream: FakeUpstream) -> None:
+    require_redis()
+    body = recorded("openai_parallel_tool_calls")
+    plan = Plan(kind="replay", body=body, pause_after=9)
+    upstream.plans.append(plan)
+    shared = {"cluster_url": TEST_REDIS_URL, "redis_prefix": unique_prefix(), "resume_grace_s": 10}
+    producer = gateway(serve, upstream, **shared)
+    other = gateway(serve, upstream, **shared)
+    try:
+        async with connected(producer, mint("cy")) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": "go"}))
+            first = await recv_until(ws, lambda f: f["type"] == "tool_call" and f["index"] == 1)
+            await anyio.to_thread.run_sync(plan.paused.wait, 10)
+        after = max(f["seq"] for f in first if f["type"] in DELTA_FRAMES)
+        async with connected(other, mint("cy")) as ws:
+            await ws.send(json.dumps({"type": "resume", "id": "r1", "after": after}))
+            resumed = await recv_until(ws, lambda f: f["type"] == "start")
+            plan.resume.set()
+            resumed += await recv_until(ws, terminal_for("r1"))
+    finally:
+        plan.resume.set()
+    want = expected_from(body)
+    assert assembled(first, "r1").calls != want.calls  # dropped in the middle of the second call
+    same_stream(assembled(first + resumed, "r1"), want)
+
+
+async def test_a_room_gets_every_kind(serve: Serve, upstream: FakeUpstream) -> None:
+    body = recorded("ollama_tool_call")
+    upstream.plans.append(Plan(kind="replay", body=body))
+    server = gateway(serve, upstream)
+    async with connected(server, mint("fay", rooms=["lobby"])) as a, connected(server, mint("gus", rooms="*")) as b:
+        for ws in (a, b):
+            await ws.send(json.dumps({"type": "join", "room": "lobby"}))
+            await recv_until(ws, lambda f: f["type"] == "joined")
+        await b.send(json.dumps({"type": "generate", "id": "ai", "room": "lobby", "prompt": "go"}))
+        seen = [await recv_until(ws, terminal_for("ai")) for ws in (a, b)]
+    want = expected_from(body)
+    for frames in seen:
+        same_stream(assembled(frames, "ai"), want)

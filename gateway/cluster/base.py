@@ -9,8 +9,9 @@ Stream store guarantees:
 - ``create`` is atomic: of two creates for the same (user, id) exactly one wins, and the
   id stays taken until the stream expires: ``GATEWAY_RESUME_TTL_S`` after its terminal,
   and while it runs at least nine tenths of that after its last write.
-- A writer's batches are stored in the order written; ``follow`` yields every token after
-  ``after`` exactly once, in order, then the live tail, then the terminal event, then stops.
+- A writer's batches are stored in the order written; ``follow`` yields every delta after
+  ``after`` exactly once, in order, with its kind, then the live tail, then the terminal
+  event, then stops.
 - ``follow`` of a stream whose producing process died, or whose metadata expired without a
   terminal, ends with a ``backend_error`` terminal after a bounded wait instead of hanging.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.cluster.control import ControlMessage
-from gateway.wire.events import Terminal
+from gateway.wire.events import DeltaKind, Terminal
 
 # Spawns a supervised background loop in the process's task group: (name, loop).
 SpawnLoop = Callable[[str, Callable[[], Awaitable[None]]], None]
@@ -46,8 +47,12 @@ class StreamMeta:
 
 @dataclass(frozen=True, slots=True)
 class TokenBatch:
+    """Consecutive deltas from ``first_seq``: their texts, and their kinds (``None`` when
+    every one is answer text, the common case, which then costs nothing per delta)."""
+
     first_seq: int
     texts: tuple[str, ...]
+    kinds: tuple[DeltaKind, ...] | None = None
 
 
 StreamEvent = TokenBatch | Terminal
@@ -70,7 +75,7 @@ class StreamStore(Protocol):
         """The stream's metadata while it can be resumed, else None."""
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
-        """Append one batch of consecutive tokens."""
+        """Append one batch of consecutive deltas, kinds included."""
 
     async def touch(self, meta: StreamMeta) -> None:
         """Restart the TTL of a stream that is running but has written nothing lately."""
@@ -79,7 +84,8 @@ class StreamStore(Protocol):
         """Append the terminal event; the stream stays readable for the TTL."""
 
     def follow(self, meta: StreamMeta, after: int) -> AsyncIterator[StreamEvent]:
-        """Tokens with seq > ``after``, the live tail, then the terminal event."""
+        """Deltas with seq > ``after`` (with their kinds), the live tail, then the terminal
+        event."""
 
     async def resumable(self, user: str) -> list[StreamMeta]:
         """The user's streams that can still be resumed, oldest first."""

@@ -5,9 +5,9 @@ serialized form (``to_dict`` / ``from_dict``) for backplanes that cross a proces
 - ``FollowNotice``: someone (on any process) follows this generation, so its owner must
   not cancel it as abandoned;
 - ``Broadcast``: deliver ``data`` to every socket, or to one user's sockets;
-- ``RoomEvents``: events for every member of a room: a room generation's start, tokens and
-  end, and presence. ``origin`` is the session that caused a presence event: it is not
-  told about its own join or leave.
+- ``RoomEvents``: events for every member of a room: a room generation's start, deltas
+  (each ``RoomTokens`` a run of one kind) and end, and presence. ``origin`` is the
+  session that caused a presence event: it is not told about its own join or leave.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.wire.events import Done, Failed, Terminal, Usage
+from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, Terminal, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +44,12 @@ class RoomStart:
 
 @dataclass(frozen=True, slots=True)
 class RoomTokens:
+    """A run of consecutive deltas of one kind, up to ``last_seq``."""
+
     id: str
     last_seq: int
     text: str
+    kind: DeltaKind = TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +81,58 @@ class MalformedMessage(ValueError):
     pass
 
 
+# The compact form of a delta's kind, for stores and the backplane: 0 answer text,
+# 1 reasoning, [index] a tool call's later fragment, [index, call_id, name] its first.
+WireKind = int | list[int | str | None]
+
+
+def kind_to_wire(kind: DeltaKind) -> WireKind:
+    if kind == TEXT:
+        return 0
+    if kind == REASONING:
+        return 1
+    assert isinstance(kind, ToolCallDelta)
+    if kind.call_id is None and kind.name is None:
+        return [kind.index]
+    return [kind.index, kind.call_id, kind.name]
+
+
+def kind_from_wire(value: object) -> DeltaKind:
+    """Raises ``MalformedMessage`` for anything ``kind_to_wire`` does not produce."""
+    if value == 0:
+        return TEXT
+    if value == 1:
+        return REASONING
+    if isinstance(value, list) and value and type(value[0]) is int and value[0] >= 0:
+        index = value[0]
+        if len(value) == 1:
+            return ToolCallDelta(index)
+        if len(value) == 3 and all(v is None or isinstance(v, str) for v in value[1:]):
+            return ToolCallDelta(index, value[1], value[2])
+    raise MalformedMessage("unknown delta kind")
+
+
 def terminal_to_dict(terminal: Terminal) -> dict[str, Any]:
     if isinstance(terminal, Done):
-        return {"done": terminal.finish_reason, "usage": [terminal.usage.prompt_tokens,
-                                                          terminal.usage.completion_tokens]}
+        usage = terminal.usage
+        counts: list[int | None] = [usage.prompt_tokens, usage.completion_tokens]
+        if usage.reasoning_tokens is not None or usage.cached_tokens is not None:
+            counts += [usage.reasoning_tokens, usage.cached_tokens]
+        return {"done": terminal.finish_reason, "usage": counts}
     return {"failed": terminal.code, "message": terminal.message, "extra": terminal.extra}
+
+
+def _optional_count(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
 
 
 def terminal_from_dict(data: dict[str, Any]) -> Terminal:
     if "done" in data:
-        prompt_tokens, completion_tokens = data.get("usage") or (0, 0)
-        return Done(str(data["done"]), Usage(int(prompt_tokens), int(completion_tokens)))
+        counts = list(data.get("usage") or (0, 0))
+        prompt_tokens, completion_tokens = counts[:2]
+        reasoning_tokens, cached_tokens = [*counts[2:4], None, None][:2]
+        return Done(str(data["done"]), Usage(int(prompt_tokens), int(completion_tokens),
+                                             _optional_count(reasoning_tokens), _optional_count(cached_tokens)))
     extra = data.get("extra")
     return Failed(str(data["failed"]), str(data.get("message", "")), extra if isinstance(extra, dict) else {})
 
@@ -96,6 +140,11 @@ def terminal_from_dict(data: dict[str, Any]) -> Terminal:
 def _event_to_dict(event: RoomEvent) -> dict[str, Any]:
     if isinstance(event, RoomEnd):
         return {"k": "end", "id": event.id, "terminal": terminal_to_dict(event.terminal)}
+    if isinstance(event, RoomTokens):
+        data: dict[str, Any] = {"k": "tokens", "id": event.id, "last_seq": event.last_seq, "text": event.text}
+        if event.kind != TEXT:
+            data["kind"] = kind_to_wire(event.kind)
+        return data
     kind = {RoomStart: "start", RoomTokens: "tokens", Presence: "presence"}[type(event)]
     return {"k": kind, **asdict(event)}
 
@@ -103,7 +152,8 @@ def _event_to_dict(event: RoomEvent) -> dict[str, Any]:
 def _event_from_dict(data: dict[str, Any]) -> RoomEvent:
     kind = data.get("k")
     if kind == "tokens":
-        return RoomTokens(str(data["id"]), int(data["last_seq"]), str(data["text"]))
+        kind = kind_from_wire(data["kind"]) if "kind" in data else TEXT
+        return RoomTokens(str(data["id"]), int(data["last_seq"]), str(data["text"]), kind)
     if kind == "start":
         return RoomStart(str(data["id"]), str(data["epoch"]))
     if kind == "end":

@@ -20,7 +20,7 @@ from gateway.cluster.control import ControlMessage
 from gateway.core.liveness import TokenBucket
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
-from gateway.wire.events import Terminal
+from gateway.wire.events import TEXT, DeltaKind, Terminal, ToolCallDelta
 
 
 class MemoryCluster:
@@ -66,6 +66,11 @@ class MemoryBackplane:
 
 # What a kept token costs beyond its text: the str object and its slot in a list.
 TOKEN_BYTES = 64
+# What a kept delta's kind costs, in a stream that has deltas other than text: its slot in
+# the list of kinds (the kinds themselves are shared, or, for a tool call's first
+# fragment, counted with their id and name).
+KIND_BYTES = 8
+TOOL_CALL_BYTES = 128
 # What a stream costs before its first token.
 RECORD_BYTES = 512
 
@@ -74,6 +79,8 @@ RECORD_BYTES = 512
 class _Record:
     meta: StreamMeta
     tokens: list[str] = field(default_factory=list)
+    # Each token's kind, from the first batch with one that is not text; None until then.
+    kinds: list[DeltaKind] | None = None
     charged: int = RECORD_BYTES  # what this stream counts in the store's budget
     terminal: Terminal | None = None
     expires_at: float = float("inf")  # monotonic; set when the stream finishes
@@ -168,9 +175,21 @@ class MemoryStreamStore:
             return
         if batch.first_seq != len(record.tokens):
             raise ValueError(f"batch starts at {batch.first_seq}, stream has {len(record.tokens)} tokens")
-        texts = batch.texts[: max(0, self.max_tokens - len(record.tokens))]
+        room = max(0, self.max_tokens - len(record.tokens))
+        texts = batch.texts[:room]
+        cost = sum(map(len, texts)) + TOKEN_BYTES * len(texts)
+        kinds = record.kinds
+        if batch.kinds is not None and kinds is None:
+            kinds = record.kinds = [TEXT] * len(record.tokens)
+            cost += KIND_BYTES * len(record.tokens)
+        if kinds is not None:
+            added: tuple[DeltaKind, ...] = batch.kinds[:room] if batch.kinds is not None else (TEXT,) * len(texts)
+            kinds.extend(added)
+            cost += KIND_BYTES * len(added) + sum(
+                TOOL_CALL_BYTES + len(k.call_id or "") + len(k.name or "")
+                for k in added if isinstance(k, ToolCallDelta) and (k.call_id or k.name))
         record.tokens.extend(texts)
-        cost = 2 * (sum(map(len, texts)) + TOKEN_BYTES * len(texts))
+        cost *= 2
         record.charged += cost
         self.used_bytes += cost
         self._notify(record)
@@ -200,9 +219,11 @@ class MemoryStreamStore:
         position = max(after + 1, 0)
         while True:
             if position < len(record.tokens):
-                texts = tuple(record.tokens[position:])
-                yield TokenBatch(position, texts)
-                position += len(texts)
+                end = len(record.tokens)
+                kinds = record.kinds
+                yield TokenBatch(position, tuple(record.tokens[position:end]),
+                                 tuple(kinds[position:end]) if kinds is not None else None)
+                position = end
                 continue
             if record.terminal is not None:
                 yield record.terminal

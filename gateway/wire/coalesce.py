@@ -95,6 +95,37 @@ def delta_item(stream: StreamRef, seq: int, text: str, kind: DeltaKind) -> Delta
     return ToolCallFragment(stream, seq, kind, text)
 
 
+def delta_runs(first_seq: int, texts: Sequence[str], kinds: Sequence[DeltaKind] | None
+               ) -> list[tuple[int, str, DeltaKind]]:
+    """Consecutive deltas as runs that coalescing would merge: (last seq, text, kind), a run
+    per change of kind or of tool-call index, and one starting at each call's first
+    fragment. Without ``kinds`` every delta is answer text: one run."""
+    if not texts:
+        return []
+    if kinds is None:
+        return [(first_seq + len(texts) - 1, "".join(texts), TEXT)]
+    runs: list[tuple[int, str, DeltaKind]] = []
+    pieces: list[str] = []
+    run_kind: DeltaKind = TEXT
+    run_key: object = None
+    last = first_seq - 1
+    for offset, (text, kind) in enumerate(zip(texts, kinds, strict=True)):
+        if isinstance(kind, ToolCallDelta):
+            key: object = None if kind.call_id is not None or kind.name is not None else kind.index
+        else:
+            key = kind
+        if pieces and (key is None or key != run_key):
+            runs.append((last, "".join(pieces), run_kind))
+            pieces = []
+        if not pieces:
+            run_kind = kind
+            run_key = kind.index if isinstance(kind, ToolCallDelta) else kind
+        pieces.append(text)
+        last = first_seq + offset
+    runs.append((last, "".join(pieces), run_kind))
+    return runs
+
+
 def delta_kind(item: Delta) -> DeltaKind:
     if type(item) is Token:
         return TEXT

@@ -11,8 +11,8 @@ from typing import Any, Final, Literal
 # The kinds of the deltas of one generation, which share one ``seq`` space. A delta is its
 # text (for a tool call, a fragment of the arguments) and its kind: ``TEXT``, ``REASONING``
 # or a ``ToolCallDelta``.
-TEXT: Final = "text"
-REASONING: Final = "reasoning"
+TEXT: Final[Literal["text"]] = "text"
+REASONING: Final[Literal["reasoning"]] = "reasoning"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,10 @@
 
 Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
 - ``m:<user>:<id>``: the stream's metadata (JSON), created with SET NX: the id claim;
-- ``s:<user>:<id>``: the Redis Stream; one entry per batch of tokens (``f`` first seq,
-  ``t`` JSON list of texts) and one terminal entry (``e`` the terminal event as JSON);
+- ``s:<user>:<id>``: the Redis Stream; one entry per batch of deltas (``f`` first seq,
+  ``t`` JSON list of texts, and ``k`` a JSON list of their kinds in the compact form of
+  ``gateway.cluster.control.kind_to_wire``, only when some delta is not answer text) and
+  one terminal entry (``e`` the terminal event as JSON);
 - ``u:<user>``: a sorted set of the user's stream ids by creation time, for ``hello``.
 
 ``create`` is one round trip. Writes of every generation of the process go through one
@@ -30,7 +32,7 @@ from redis.exceptions import RedisError
 
 from config import Settings
 from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
-from gateway.cluster.control import terminal_from_dict, terminal_to_dict
+from gateway.cluster.control import kind_from_wire, kind_to_wire, terminal_from_dict, terminal_to_dict
 from gateway.cluster.redis.commit import GroupCommit
 from gateway.cluster.redis.context import RedisContext
 from gateway.cluster.redis.tailer import TAIL_COUNT, Entry, StreamTailer
@@ -161,8 +163,10 @@ class RedisStreamStore:
 
     async def write(self, meta: StreamMeta, batch: TokenBatch) -> None:
         # A room's members read each batch live, as soon as it is stored: no waiting.
-        await self.commit.submit(_Write(meta, {"f": str(batch.first_seq), "t": json.dumps(batch.texts)}, False),
-                                 urgent=meta.room is not None)
+        fields = {"f": str(batch.first_seq), "t": json.dumps(batch.texts)}
+        if batch.kinds is not None:
+            fields["k"] = json.dumps([kind_to_wire(kind) for kind in batch.kinds], separators=(",", ":"))
+        await self.commit.submit(_Write(meta, fields, False), urgent=meta.room is not None)
 
     async def finish(self, meta: StreamMeta, terminal: Terminal) -> None:
         await self.commit.submit(_Write(meta, {"e": json.dumps(terminal_to_dict(terminal))}, True), urgent=True)
@@ -271,6 +275,8 @@ class _EntryReader:
                 self.ended = True
                 return events
             skip = self.position - first
-            events.append(TokenBatch(first + skip, tuple(texts[skip:])))
+            kinds = fields.get("k")
+            events.append(TokenBatch(first + skip, tuple(texts[skip:]),
+                                     tuple(map(kind_from_wire, json.loads(kinds)[skip:])) if kinds else None))
             self.position = end
         return events
