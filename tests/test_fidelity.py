@@ -397,3 +397,23 @@ async def test_a_room_gets_every_kind(serve: Serve, upstream: FakeUpstream) -> N
     want = expected_from(body)
     for frames in seen:
         same_stream(assembled(frames, "ai"), want)
+
+
+async def test_a_cancel_in_the_middle_of_reasoning_counts_what_was_streamed(serve: Serve,
+                                                                           upstream: FakeUpstream) -> None:
+    plan = Plan(kind="replay", body=recorded("vllm_reasoning"), pause_after=8)
+    upstream.plans.append(plan)
+    server = gateway(serve, upstream)
+    try:
+        async with connected(server, mint()) as ws:
+            await ws.send(json.dumps({"type": "generate", "id": "r1", "prompt": "go"}))
+            await anyio.to_thread.run_sync(plan.paused.wait, 10)
+            # Events 1-7 carry one reasoning delta each (event 0 is the role).
+            frames = await recv_until(ws, lambda f: f["type"] == "reasoning" and f["seq"] == 6)
+            await ws.send(json.dumps({"type": "cancel", "id": "r1"}))
+            frames += await recv_until(ws, terminal_for("r1"))
+    finally:
+        plan.resume.set()
+    done = frames[-1]
+    assert done["finish_reason"] == "cancelled"
+    assert done["usage"] == {"prompt_tokens": 0, "completion_tokens": 7, "reasoning_tokens": 7}
