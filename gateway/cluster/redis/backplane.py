@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.cluster.base import Handler
 from gateway.cluster.control import ControlMessage, MalformedMessage, from_dict, to_dict
-from gateway.cluster.redis.context import RedisContext, RedisUnavailable
+from gateway.cluster.redis.context import CLOSE_TIMEOUT_S, RedisContext, RedisUnavailable
 
 logger = logging.getLogger("gateway.backplane")
 
@@ -59,7 +59,7 @@ class RedisBackplane:
             self.ctx.report_error(exc)
             raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await client.aclose()
 

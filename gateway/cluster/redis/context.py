@@ -21,6 +21,8 @@ logger = logging.getLogger("gateway.redis")
 
 # Part of every key: records written by a process of another layout are never read.
 KEY_VERSION = "v2"
+# How long closing a client may take when a loop that owns one stops.
+CLOSE_TIMEOUT_S = 2.0
 # How long an answer of ``node_alive`` is reused.
 ALIVE_CACHE_S = 0.5
 
@@ -158,6 +160,6 @@ class RedisContext:
                     self.report(False)
                 await anyio.sleep(interval)
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await client.aclose()
 

@@ -16,6 +16,7 @@ is blocked, ``CLIENT UNBLOCK`` ends it so the next read includes the new key at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -24,7 +25,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.cluster.redis.context import RedisContext
+from gateway.cluster.redis.context import CLOSE_TIMEOUT_S, RedisContext
 
 logger = logging.getLogger("gateway.redis")
 
@@ -87,7 +88,7 @@ class StreamTailer:
         self._subscriptions: dict[str, list[Subscription]] = {}
         self._changed: asyncio.Future[None] | None = None
         self._blocked_id: int | None = None  # the reading connection's id while it blocks
-        self._unblocking = False
+        self._unblock_wanted: asyncio.Future[None] | None = None
         # Reads made, for tests and benchmarks.
         self.reads = 0
 
@@ -118,17 +119,22 @@ class StreamTailer:
     def _poke(self) -> None:
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
-        if self._blocked_id is not None and not self._unblocking:
-            self._unblocking = True
-            asyncio.get_running_loop().create_task(self._unblock(self._blocked_id))
+        if self._blocked_id is not None and self._unblock_wanted is not None and not self._unblock_wanted.done():
+            self._unblock_wanted.set_result(None)
 
-    async def _unblock(self, client_id: int) -> None:
-        try:
-            await self.ctx.client.client_unblock(client_id)
-        except (RedisError, OSError):
-            pass  # the read ends on its own within TAIL_BLOCK_MS
-        finally:
-            self._unblocking = False
+    async def _unblocker(self) -> None:
+        """Ends the blocked read when the keys change (``CLIENT UNBLOCK`` from the command
+        pool), at most one at a time; a read that was not blocked yet ends on its own
+        within TAIL_BLOCK_MS."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._unblock_wanted = wanted = loop.create_future()
+            await wanted
+            client_id = self._blocked_id
+            if client_id is None:
+                continue
+            with contextlib.suppress(RedisError, OSError):
+                await self.ctx.client.client_unblock(client_id)
 
     def _wanted(self) -> dict[Any, Any]:
         """Each followed key, from the earliest position of its followers that have taken
@@ -144,42 +150,48 @@ class StreamTailer:
         """Read for every subscription until cancelled. Redis errors are waited out here;
         the subscriptions keep their places."""
         connection: aioredis.Redis = self.ctx.dedicated_client(socket_timeout=TAIL_BLOCK_MS / 1000 + 10)
-        backoff = 0.1
         try:
-            client_id: int | None = None
-            while True:
-                wanted = self._wanted()
-                if not wanted:
-                    self._changed = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._changed
-                    finally:
-                        self._changed = None
-                    continue
-                try:
-                    if client_id is None:
-                        client_id = int(await connection.client_id())
-                    self._blocked_id = client_id
-                    try:
-                        response: Any = await connection.xread(wanted, count=TAIL_COUNT, block=TAIL_BLOCK_MS)
-                    finally:
-                        self._blocked_id = None
-                    self.ctx.report(True)
-                    backoff = 0.1
-                except (RedisError, OSError) as exc:
-                    client_id = None  # a new connection has a new id
-                    self.ctx.report_error(exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                self.reads += 1
-                for key, entries in response or ():
-                    for subscription in self._subscriptions.get(key, ()):
-                        if not subscription.entries:
-                            subscription._deliver(entries)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._unblocker)
+                await self._read(connection)
         finally:
-            with anyio.CancelScope(shield=True):
+            self._unblock_wanted = None
+            with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await connection.aclose()
+
+    async def _read(self, connection: aioredis.Redis) -> None:
+        backoff = 0.1
+        client_id: int | None = None
+        while True:
+            wanted = self._wanted()
+            if not wanted:
+                self._changed = asyncio.get_running_loop().create_future()
+                try:
+                    await self._changed
+                finally:
+                    self._changed = None
+                continue
+            try:
+                if client_id is None:
+                    client_id = int(await connection.client_id())
+                self._blocked_id = client_id
+                try:
+                    response: Any = await connection.xread(wanted, count=TAIL_COUNT, block=TAIL_BLOCK_MS)
+                finally:
+                    self._blocked_id = None
+                self.ctx.report(True)
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                client_id = None  # a new connection has a new id
+                self.ctx.report_error(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.reads += 1
+            for key, entries in response or ():
+                for subscription in self._subscriptions.get(key, ()):
+                    if not subscription.entries:
+                        subscription._deliver(entries)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
