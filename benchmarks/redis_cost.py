@@ -175,7 +175,8 @@ def main() -> None:
         "# Redis stream store: cost per token",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, redis-py {redis.__version__}; command: `python -m benchmarks.redis_cost`.",
+        f"{platform.python_version()}, redis-py {redis.__version__}; "
+        f"command: `python -m benchmarks.redis_cost --paced-streams {args.paced_streams}`.",
         "Gateway CPU is the server process's user+system time over the tokens delivered.",
         "",
         "| load | store | tokens | gateway CPU µs/token | vs memory | Redis commands/token | XADD/token | "
