@@ -109,32 +109,45 @@ async def churn_clients(port: int, rate: float, seconds: float) -> dict[str, int
 
 
 def churn(pinning: Pinning, workdir: Path, rate: float, minutes: float, settle_s: float,
-          server_env: dict[str, str]) -> dict[str, Any]:
+          server_env: dict[str, str], rounds: int = 2) -> dict[str, Any]:
+    """``rounds`` rounds of churn on one server, each followed by ``settle_s`` of quiet.
+    Memory that the first round leaves and later rounds reuse is the allocator's and the
+    bounded stores'; growth from round to round would be a leak."""
     options = ServerOptions(extra_env=server_env)
     names = ("process_open_fds", "gateway_event_loop_tasks", "process_resident_memory_bytes")
+    afters: list[dict[str, float]] = []
+    totals: dict[str, int] = {}
     with ServerProcess(GATEWAY, options, pinning, workdir) as server:
         asyncio.run(churn_clients(server.port, 5, 2))  # warm up: first connections, pools
         time.sleep(2)
         before = {name: scrape(server.port).get(name, 0.0) for name in names}
         if pinning.client and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {int(pinning.client[-1])})  # the load generator's core
-        counts = asyncio.run(churn_clients(server.port, rate, minutes * 60))
-        deadline = time.monotonic() + 60
-        while True:  # until every connection and generation is gone
-            now = scrape(server.port)
-            if now.get("gateway_open_connections", 0) == 0 and now.get("gateway_active_generations", 0) == 0:
-                break
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        # Cyclic garbage waits for the next scheduled full collection
-        # (GATEWAY_GC_FULL_COLLECTION_INTERVAL_S, 60 s): measure after one has run.
-        time.sleep(settle_s)
-        after = {name: scrape(server.port).get(name, 0.0) for name in names}
+        for _ in range(rounds):
+            counts = asyncio.run(churn_clients(server.port, rate, minutes * 60))
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + value
+            deadline = time.monotonic() + 60
+            while True:  # until every connection and generation is gone
+                now = scrape(server.port)
+                if now.get("gateway_open_connections", 0) == 0 and now.get("gateway_active_generations", 0) == 0:
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            # Cyclic garbage waits for the next scheduled full collection
+            # (GATEWAY_GC_FULL_COLLECTION_INTERVAL_S, 60 s), finished streams for their TTL:
+            # measure after both.
+            time.sleep(settle_s)
+            afters.append({name: scrape(server.port).get(name, 0.0) for name in names})
+    after = afters[-1]
     within = {name: after[name] <= before[name] * 1.05 + (1 if name != "process_resident_memory_bytes" else 0)
               for name in names}
-    return {"rate": rate, "minutes": minutes, "clients": counts, "before": before, "after": after,
-            "within_5_percent": within}
+    # RSS: flat from the first round's end to the last's.
+    flat = after["process_resident_memory_bytes"] <= afters[0]["process_resident_memory_bytes"] * 1.05
+    return {"rate": rate, "minutes": minutes, "rounds": rounds, "settle_s": settle_s, "server_env": server_env,
+            "clients": totals, "before": before, "after_rounds": afters, "after": after,
+            "within_5_percent": within, "rss_flat_across_rounds": flat}
 
 
 def report(idle: dict[str, Any], churned: dict[str, Any], took_s: float) -> str:
@@ -144,7 +157,10 @@ def report(idle: dict[str, Any], churned: dict[str, Any], took_s: float) -> str:
         f"- Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {os.cpu_count()} cores; "
         f"Python {sys.version.split()[0]}",
         f"- Command: `python -m benchmarks.soak --idle-minutes {idle['minutes']:g} "
-        f"--churn-minutes {churned['minutes']:g} --rate {churned['rate']:g}`; took {took_s:.0f} s",
+        f"--churn-minutes {churned['minutes']:g} --rate {churned['rate']:g} --rounds {churned.get('rounds', 1)} "
+        f"--settle-s {churned.get('settle_s', 0):g}"
+        + "".join(f" --server-env {k}={v}" for k, v in churned.get("server_env", {}).items())
+        + f"`; took {took_s:.0f} s",
         "",
         "## Soak: idle authenticated connections, heartbeats on",
         "",
@@ -158,12 +174,19 @@ def report(idle: dict[str, Any], churned: dict[str, Any], took_s: float) -> str:
         "| | before | after | within 5% |",
         "|---|---|---|---|",
     ]
+    rounds = churned.get("after_rounds", [churned["after"]])
+    lines[-2] = "| | before | " + " | ".join(f"after round {i + 1}" for i in range(len(rounds))) + " | back within 5% |"
+    lines[-1] = "|---|---|" + "---|" * len(rounds) + "---|"
     for name, label in (("process_open_fds", "open file descriptors"),
                         ("gateway_event_loop_tasks", "event-loop tasks"),
                         ("process_resident_memory_bytes", "RSS MB")):
         scale = 1 / (1024 * 1024) if name.endswith("bytes") else 1
-        lines.append(f"| {label} | {churned['before'][name] * scale:,.1f} | {churned['after'][name] * scale:,.1f} | "
+        cells = " | ".join(f"{after[name] * scale:,.1f}" for after in rounds)
+        lines.append(f"| {label} | {churned['before'][name] * scale:,.1f} | {cells} | "
                      f"{'yes' if churned['within_5_percent'][name] else 'NO'} |")
+    if len(rounds) > 1:
+        lines += ["", f"RSS from the end of round 1 to the end of round {len(rounds)}: "
+                  f"{'flat (within 5%)' if churned['rss_flat_across_rounds'] else 'GREW'}."]
     clients = churned["clients"]
     lines += ["", f"{churned['rate']:g} connections a second for {churned['minutes']:g} min: "
               f"{clients['answered']:,} answered, {clients['vanished']:,} vanished, "
@@ -177,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--churn-minutes", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of churn on one server (RSS must stay flat from the first to the last)")
     parser.add_argument("--settle-s", type=float, default=65.0,
                         help="wait after the churn before measuring (past the next full collection)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -190,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="soak-") as workdir:
         idle = soak(pinning, Path(workdir), args.connections, args.idle_minutes)
-        churned = churn(pinning, Path(workdir), args.rate, args.churn_minutes, args.settle_s, server_env)
+        churned = churn(pinning, Path(workdir), args.rate, args.churn_minutes, args.settle_s, server_env,
+                        args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(idle, churned, time.monotonic() - started)
     (args.out / "soak.md").write_text(text, encoding="utf-8")

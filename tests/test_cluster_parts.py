@@ -459,3 +459,21 @@ async def test_a_redis_pool_with_no_free_connection_is_not_redis_down() -> None:
         for connection in held:
             await pool.release(connection)
         await cluster.aclose()
+
+
+async def test_the_memory_store_gives_back_expired_streams_while_nothing_is_written() -> None:
+    started = await start_cluster("memory", settings_for(resume_ttl_s=1))
+    store = started.store
+    try:
+        meta = meta_for((None, None, started))
+        await store.create(meta)
+        await store.write(meta, TokenBatch(0, ("a" * 1000,)))
+        await store.finish(meta, Done("stop", Usage(1, 1)))
+        assert store.used_bytes > 1000
+        # No create, write or hello after this: only the store's own expiry loop runs.
+        with anyio.fail_after(5):
+            while store.used_bytes > 0:
+                await anyio.sleep(0.1)
+        assert await store.get("u1", "s1") is None
+    finally:
+        await started.aclose()

@@ -35,7 +35,7 @@ class MemoryCluster:
         self.health = Health()
 
     async def start(self, spawn: SpawnLoop) -> None:
-        return None
+        spawn("memory store expiry", self.store.expire_loop)
 
     async def aclose(self) -> None:
         self.store.clear()
@@ -117,6 +117,14 @@ class MemoryStreamStore:
         self._by_user.clear()
         self._expiry.clear()
         self.used_bytes = 0
+
+    async def expire_loop(self) -> None:
+        """Drop expired streams also while nothing new is written, so that an idle process
+        gives their memory back within a tenth of the TTL (at least every second)."""
+        interval = max(self.ttl_s / 10, 1.0)
+        while True:
+            await anyio.sleep(interval)
+            self._purge()
 
     def _purge(self) -> None:
         """Drop the finished streams whose TTL ran out, then, while over the budget, the
