@@ -11,6 +11,7 @@ never appears in the file, and never in an error: only the variable's name does.
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import PydanticCustomError, from_json
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from config.backends import BackendLoadError, BackendSettings, settings_model_for, validation_error
 
@@ -96,12 +98,25 @@ class Deployment(BaseModel):
                 raise _error("missing_variable", f"the variable {self.api_key_env} is not set", ("api_key_env",))
             own["api_key"] = key
         try:
-            # model_validate, not the constructor: the environment is not read, so a
-            # deployment never picks up another upstream's GATEWAY_<BACKEND>_* values.
-            self._backend_settings = model.model_validate(own)
+            self._backend_settings = _from_the_entry_only(model)(**own)
         except ValidationError as exc:
             raise validation_error("Routes", [(error, error["loc"]) for error in exc.errors()]) from None
         return self
+
+
+@functools.cache
+def _from_the_entry_only(model: type[BackendSettings]) -> type[BackendSettings]:
+    """``model`` read from its keywords only: a deployment never picks up the environment's
+    or ``.env``'s ``GATEWAY_<BACKEND>_*`` values, which are another upstream's."""
+
+    class FromTheEntry(model):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                       **others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings,)
+
+    FromTheEntry.__name__ = FromTheEntry.__qualname__ = model.__name__
+    return FromTheEntry
 
 
 class Route(BaseModel):

@@ -3,7 +3,8 @@ test controls every byte: statuses, hangs, malformed events, cut connections.
 
 It runs its own event loop in a thread. Each generation request takes the next ``Plan`` from
 ``FakeUpstream.plans`` (or ``FakeUpstream.default``); by default it streams the words of the
-prompt (or of the last user message) back, honouring ``max_tokens``. Every request is recorded
+prompt (or of the last user message) back, honouring ``max_tokens``; like vLLM and SGLang,
+it honours ``continue_final_message``: the answer goes on after the final assistant message. Every request is recorded
 as a ``Seen`` with the moment its client went away, which is how a test checks that the
 gateway closed the upstream response.
 """
@@ -44,6 +45,19 @@ class Plan:
     resume: threading.Event = field(default_factory=threading.Event)
     paused: threading.Event = field(default_factory=threading.Event)  # set when it waits
     burst: bool = False  # replay: every event in one HTTP chunk, so they arrive in one read
+
+
+def continue_after(words: list[str], partial: str) -> list[str]:
+    """The rest of the answer ``words`` after its beginning ``partial``."""
+    full = "".join(words)
+    if not full.startswith(partial):
+        return words
+    done = 0
+    for index, word in enumerate(words):
+        if done == len(partial):
+            return words[index:]
+        done += len(word)
+    return [] if done == len(partial) else split_words(full[len(partial):])
 
 
 @dataclass
@@ -237,6 +251,9 @@ class FakeUpstream:
             users = [m["content"] for m in messages if m["role"] == "user"] or [messages[-1]["content"]]
             prompt = users[-1]
         words = plan.tokens if plan.tokens is not None else split_words(prompt)
+        if chat and body.get("continue_final_message") and messages[-1]["role"] == "assistant":
+            # vLLM's continuation: the answer goes on after the final assistant message.
+            words = continue_after(words, messages[-1]["content"] or "")
         max_tokens = int(body.get("max_tokens", len(words)))
         tokens = words[:max_tokens]
         finish = plan.finish_reason or ("length" if len(words) > max_tokens else "stop")
