@@ -4,9 +4,9 @@ test controls every byte: statuses, hangs, malformed events, cut connections.
 It runs its own event loop in a thread. Each generation request takes the next ``Plan`` from
 ``FakeUpstream.plans`` (or ``FakeUpstream.default``); by default it streams the words of the
 prompt (or of the last user message) back, honouring ``max_tokens``; like vLLM and SGLang,
-it honours ``continue_final_message``: the answer goes on after the final assistant message. Every request is recorded
-as a ``Seen`` with the moment its client went away, which is how a test checks that the
-gateway closed the upstream response.
+it honours ``continue_final_message``: the answer goes on after the final assistant message.
+Every request is recorded as a ``Seen`` with the moment its client went away, which is how
+a test checks that the gateway closed the upstream response.
 """
 
 from __future__ import annotations
