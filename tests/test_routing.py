@@ -349,3 +349,22 @@ async def test_every_deployment_at_its_cap_waits_then_too_many_streams(upstreams
         await anyio.sleep(0.1)
         text, _finish = await run(router, "four five")
         assert text == "four five"
+
+
+def test_routes_inline_and_in_a_file_are_refused_together(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    path.write_text(EXAMPLE_JSON.replace('"api_key_env": "KEY_A", ', ""))
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, routes_file=str(path), routes={"routes": {"r": {"deployments": [openai("a")]}}})
+    assert caught.value.errors()[0]["loc"] == ("routes_file",)
+
+
+def test_done_route_is_encoded_and_survives_the_store() -> None:
+    from gateway.cluster.control import terminal_from_dict, terminal_to_dict
+    from gateway.wire.events import Done, RouteTrace, Usage
+    from gateway.wire.outbound import encode_terminal
+
+    done = Done("stop", Usage(3, 9), RouteTrace("chat", ("a", "b")))
+    assert terminal_from_dict(terminal_to_dict(done)) == done
+    assert terminal_from_dict(terminal_to_dict(Done("stop"))) == Done("stop")
+    assert encode_terminal("r1", done).endswith(',"route":{"name":"chat","deployments":["a","b"]}}')
