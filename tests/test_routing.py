@@ -226,6 +226,15 @@ def test_a_cooldown_after_allowed_fails_within_the_window_then_one_probe() -> No
     assert s.phase(73.0) == HEALTHY and not s.fails
 
 
+def test_failures_after_first_tokens_still_add_up_to_a_cooldown() -> None:
+    policy = Cooldown(allowed_fails=2, window_s=10, cooldown_s=30)
+    s = state()
+    for now in (1.0, 2.0):
+        s.succeeded(0.1)  # the first token came, then the stream broke
+        cooled = s.failed(now, policy, probe=False)
+    assert cooled and s.phase(2.0) == COOLDOWN
+
+
 def test_a_429_skips_a_deployment_for_its_retry_after_without_a_cooldown() -> None:
     s = state()
     s.rate_limited(5.0, 2.0)

@@ -195,3 +195,16 @@ async def test_secrets_stay_out_of_frames_logs_metrics_and_admin_output(
     assert 'gateway_route_requests_total{deployment="b",outcome="ok",route="other"} 1.0' in metrics.text
     assert 'gen_ai_server_time_to_first_token_seconds_count{deployment="b",route="other"} 1.0' in metrics.text
     assert 'gateway_route_cooldown{deployment="a",route="chat"} 0.0' in metrics.text
+
+
+async def test_a_deployment_that_refuses_to_continue_passes_the_continuation_on(
+        serve: Serve, upstreams: list[FakeUpstream]) -> None:
+    a, b, c = upstreams
+    a.default = Plan(kind="drop", after=3)
+    b.default = Plan(kind="status", status=400, body='{"error": {"message": "unknown field continue_final_message"}}')
+    routes = {"routes": {"chat": {"on_midstream_failure": "continue", "deployments": [
+        openai("a", a, weight=1000), openai("b", b, weight=500), openai("c", c, weight=1)]}}}
+    server = serve(routed(routes))
+    frames = await generate(server, "p", ANSWER)
+    assert frames[-1]["type"] == "done" and stream_text(frames, "p") == ANSWER
+    assert frames[-1]["route"]["deployments"][0] == "a" and frames[-1]["route"]["deployments"][-1] == "c"

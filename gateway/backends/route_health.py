@@ -80,9 +80,12 @@ class DeploymentState:
             self.probe_in_flight = False
 
     def succeeded(self, ttft_s: float | None) -> None:
-        """The first token arrived (the deployment answers): a probe ends the cooldown."""
-        self.cooldown_until = None
-        self.fails.clear()
+        """The first token arrived (the deployment answers): a probe ends the cooldown.
+        Other failures are not forgotten: they leave the window as it slides, so a
+        deployment that keeps failing mid-stream is still cooled down."""
+        if self.cooldown_until is not None:
+            self.cooldown_until = None
+            self.fails.clear()
         if ttft_s is not None:
             self.ttft_avg = ttft_s if self.ttft_avg is None else (
                 EWMA_ALPHA * ttft_s + (1 - EWMA_ALPHA) * self.ttft_avg)

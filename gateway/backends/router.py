@@ -269,6 +269,8 @@ class RouterBackend:
                                 self._succeeded(slot, started, first_at, count, "ok")
                                 yield self._finish(chunk, asked, tried, sent - count)
                                 return
+                            if isinstance(chunk, TokenChunk | ReasoningChunk) and not chunk.text:
+                                continue  # the gateway does not stream it
                             if continuing and isinstance(chunk, ReasoningChunk):
                                 continue  # a continuation's own reasoning is not part of the answer
                             if first_at is None:
@@ -291,7 +293,9 @@ class RouterBackend:
                     outcome = self._failed(slot, exc, midstream=bool(sent))
                     self.metrics.route_requests.labels(route_name, state.name, outcome).inc()
                     failures += 1
-                    if outcome == "rejected":
+                    if outcome == "rejected" and not continuing:
+                        # The request's fault; but a continuation refused is the upstream's
+                        # lack of continue_final_message: another deployment may take it.
                         raise self._with_route(exc, asked, tried) from None
                     continuable = last_was_text and not tool_called
                     if sent and (first_route.on_midstream_failure != "continue" or not continuable):
