@@ -276,11 +276,6 @@ class Settings(BaseSettings):
         return found
 
     @property
-    def routed(self) -> bool:
-        """Whether routes are configured (else ``backend`` is the one implicit route)."""
-        return self.routes is not None
-
-    @property
     def has_jwt_key(self) -> bool:
         return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
 
