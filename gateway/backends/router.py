@@ -119,11 +119,9 @@ class RouterBackend:
         self.features: frozenset[str] = frozenset().union(
             *(getattr(b, "features", frozenset()) for b in self.backends.values()))
         self._slot_freed: anyio.Event | None = None
+        # The names a client may send as model: the routes (what GET /v1/models lists).
+        self.model_ids = tuple(self.config.routes)
         self.metrics.before_render.append(self.refresh_metrics)
-
-    @property
-    def route_names(self) -> list[str]:
-        return list(self.config.routes)
 
     # Lifecycle ----------------------------------------------------------------------------
 
