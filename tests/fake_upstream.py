@@ -35,6 +35,7 @@ class Plan:
     tokens: list[str] | None = None
     after: int = 1  # tokens sent before a mid-stream fault
     delay_s: float = 0.0
+    first_delay_s: float = 0.0  # before the first token: the time to first token
     finish_reason: str | None = None
     usage_in_finish: bool = False  # like `transformers serve`: usage on the finish chunk, no [DONE]
     send_done: bool = True
@@ -273,6 +274,8 @@ class FakeUpstream:
         if kind == "hang_before":
             await self._until_gone(seen)
             return
+        if plan.first_delay_s:
+            await asyncio.sleep(plan.first_delay_s)
         for index, token in enumerate(tokens):
             if kind in ("hang_mid", "malformed", "drop", "end_early") and index == plan.after:
                 break

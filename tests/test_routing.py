@@ -298,6 +298,21 @@ async def test_least_busy_sends_the_next_request_to_the_idle_deployment(upstream
     assert len(a.generation_requests()) == len(b.generation_requests()) == 1
 
 
+async def test_lowest_latency_sends_most_requests_to_the_fastest(upstreams: list[FakeUpstream]) -> None:
+    a, b, _ = upstreams
+    a.keep_alive = b.keep_alive = True
+    a.default = Plan(first_delay_s=0.1)
+    settings = routed({"routes": {"r": {"strategy": "lowest_latency",
+                                         "deployments": [openai("slow", a), openai("fast", b)]}}})
+    async with started(settings, rng=random.Random(3)) as router:
+        for _ in range(60):
+            await run(router, "hi")
+        figures = {d["name"]: d["ttft_avg_s"] for d in router.snapshot()["routes"]["r"]["deployments"]}
+    assert figures["slow"] > figures["fast"]
+    # 10 % explore: about 6 of 60, plus the first request that measured it.
+    assert 1 <= len(a.generation_requests()) <= 15 and len(b.generation_requests()) >= 45
+
+
 async def test_a_cooldown_then_a_probe_that_ends_it(upstreams: list[FakeUpstream]) -> None:
     a, b, _ = upstreams
     a.default = Plan(kind="status", status=500, body='{"error": {"message": "down"}}')
