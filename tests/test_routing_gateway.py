@@ -213,10 +213,11 @@ async def test_a_deployment_that_refuses_to_continue_passes_the_continuation_on(
     a, b, c = upstreams
     a.default = Plan(kind="drop", after=3)
     b.default = Plan(kind="status", status=400, body='{"error": {"message": "unknown field continue_final_message"}}')
-    routes = {"routes": {"chat": {"on_midstream_failure": "continue", "deployments": [
+    # No retries: a continuation is not a retry, and goes on to each deployment in turn.
+    routes = {"routes": {"chat": {"on_midstream_failure": "continue", "retries": 0, "deployments": [
         openai("a", a, weight=10000), openai("b", b, weight=100), openai("c", c, weight=1)]}}}
     server = seeded(serve(routed(routes)))
     frames = await generate(server, "p", ANSWER)
     assert frames[-1]["type"] == "done", frames[-1]
     assert stream_text(frames, "p") == ANSWER
-    assert frames[-1]["route"]["deployments"][0] == "a" and frames[-1]["route"]["deployments"][-1] == "c"
+    assert frames[-1]["route"]["deployments"] == ["a", "b", "c"]

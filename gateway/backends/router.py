@@ -14,6 +14,8 @@ Guarantees, in the terms of the backend interface:
   deployment that takes ``CONTINUATION`` gets the original messages with the text so far as
   the final assistant message to continue, and ``max_tokens`` lowered by the deltas sent.
   Its deltas follow the earlier ones, so ``seq`` goes on with nothing repeated or missing.
+  A continuation is not a retry: it goes, without a pause, to each deployment not tried yet
+  in turn, the route's and then its fallbacks', until one finishes the answer.
   A failure inside reasoning or a tool call is not continued.
 - The ``FinishChunk`` carries the route and the deployments tried (``done.route``); an
   error carries them too, in its ``route`` field.
@@ -244,11 +246,16 @@ class RouterBackend:
             raise BadRequest(refusal(self.backends[first_route.deployments[0].name], request) or "refused")
         for route_name in (asked, *first_route.fallbacks):
             route = self.config.routes[route_name]
-            for _attempt in range(1 + route.retries):
-                if failures:
-                    delay = min(BACKOFF_CAP_S, self.settings.upstream_retry_backoff_s * 2 ** (failures - 1))
-                    await anyio.sleep(delay * self.rng.uniform(0.5, 1.0))
+            fresh = 0  # attempts of this route before anything was streamed: retries bound them
+            while True:
                 continuing = bool(sent)
+                if not continuing:
+                    if fresh > route.retries:
+                        break
+                    fresh += 1
+                    if failures:
+                        delay = min(BACKOFF_CAP_S, self.settings.upstream_retry_backoff_s * 2 ** (failures - 1))
+                        await anyio.sleep(delay * self.rng.uniform(0.5, 1.0))
                 attempt_request = self._continuation(request, sent_text, sent) if continuing else request
                 try:
                     slot = await self._acquire(route_name, route, tried, attempt_request)
