@@ -124,6 +124,8 @@ async def test_model_names_a_route(serve: Serve, upstreams: list[FakeUpstream]) 
     assert b.last().body["model"] == "fake-model"  # the deployment's model, not the route's name
     frames = await generate(server, "y")
     assert frames[-1]["route"] == {"name": "big", "deployments": ["a"]}
+    frames = await generate(server, "w", "one two three four", max_tokens=2)
+    assert frames[-1]["finish_reason"] == "length" and frames[-1]["route"] == {"name": "big", "deployments": ["a"]}
     frames = await generate(server, "z", model="gpt-9")
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "bad_request"
     assert "big" in frames[-1]["message"] and "small" in frames[-1]["message"]
