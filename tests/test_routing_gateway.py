@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,22 @@ def three(upstreams: list[FakeUpstream], **route: Any) -> dict[str, Any]:
     a, b, c = upstreams
     return {"routes": {"chat": {**route, "deployments": [openai("a", a, weight=1000), openai("b", b),
                                                          openai("c", c)]}}}
+
+
+async def test_a_deployment_nobody_listens_on_is_passed_over(serve: Serve, upstreams: list[FakeUpstream]) -> None:
+    _, b, c = upstreams
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    routes = {"routes": {"chat": {"deployments": [openai("a", None, base_url=dead, weight=1000), openai("b", b),
+                                                  openai("c", c)]}}}
+    server = seeded(serve(routed(routes)))
+    for index in range(4):
+        frames = await generate(server, f"d{index}")
+        assert frames[-1]["type"] == "done" and stream_text(frames, f"d{index}") == "one two three"
+    assert frames[-1]["route"]["deployments"][-1] in ("b", "c")
+    metrics = server.app.state.hub.metrics.render().decode()
+    assert 'gateway_route_requests_total{deployment="a",outcome="error",route="chat"}' in metrics
 
 
 @pytest.mark.parametrize("fault", ["500", "hang", "429"])
