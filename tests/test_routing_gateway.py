@@ -8,6 +8,7 @@ import logging
 import random
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from gateway.backends.router import RouterBackend
 from tests.conftest import Serve
 from tests.fake_upstream import FakeUpstream, Plan
-from tests.support import ServerThread, connected, mint, recv_until, stream_text, terminal_for
+from tests.support import SECRET, ServerProcess, ServerThread, connected, mint, recv_until, stream_text, terminal_for
 from tests.test_routing import openai, routed
 
 pytestmark = pytest.mark.anyio
@@ -240,3 +241,34 @@ async def test_a_deployment_that_refuses_to_continue_passes_the_continuation_on(
     assert frames[-1]["type"] == "done", frames[-1]
     assert stream_text(frames, "p") == ANSWER
     assert frames[-1]["route"]["deployments"] == ["a", "b", "c"]
+
+
+async def test_gateway_serve_with_a_toml_routes_file(tmp_path: Path, upstreams: list[FakeUpstream]) -> None:
+    a, b, _ = upstreams
+    path = tmp_path / "routes.toml"
+    path.write_text(f"""
+default_route = "chat"
+
+[[routes.chat.deployments]]
+name = "a"
+backend = "openai"
+base_url = "{a.base_url}"
+model = "fake-model"
+api_key_env = "ROUTE_KEY_A"
+
+[[routes.small.deployments]]
+name = "s"
+backend = "openai"
+base_url = "{b.base_url}"
+""")
+    env = {"GATEWAY_ROUTES_FILE": str(path), "ROUTE_KEY_A": KEY_A, "GATEWAY_JWT_SECRET": SECRET,
+           "GATEWAY_LOG_LEVEL": "info"}
+    with ServerProcess(env) as server:
+        async with connected(server, mint()) as ws:
+            assert ws.hello["routes"] == ["chat", "small"]
+            await ws.send(json.dumps({"type": "generate", "id": "t", "prompt": "from a file"}))
+            frames = await recv_until(ws, terminal_for("t"), timeout=20)
+    assert stream_text(frames, "t") == "from a file"
+    assert frames[-1]["route"] == {"name": "chat", "deployments": ["a"]}
+    assert a.last().headers["authorization"] == f"Bearer {KEY_A}"
+    assert KEY_A not in server.output

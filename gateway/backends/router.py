@@ -49,7 +49,7 @@ from gateway.backends.base import (
     ToolCallChunk,
     refusal,
 )
-from gateway.backends.route_health import COOLDOWN, PROBING, DeploymentState, pick
+from gateway.backends.route_health import COOLDOWN, HEALTHY, PROBING, DeploymentState, pick
 from gateway.metrics import Metrics
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import BackendError, BackendTimeout, BadRequest, GatewayError, RateLimited
@@ -59,7 +59,7 @@ logger = logging.getLogger("gateway.backends.router")
 
 # Longest pause between two attempts, before jitter.
 BACKOFF_CAP_S = 2.0
-PHASE_VALUES = {"healthy": 0, COOLDOWN: 1, PROBING: 2}
+PHASE_VALUES = {HEALTHY: 0, COOLDOWN: 1, PROBING: 2}
 
 
 @dataclass(eq=False)
