@@ -147,6 +147,14 @@ def test_inline_routes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.routes is not None and list(settings.routes.routes) == ["chat", "chat-small"]
 
 
+def test_inline_routes_that_are_not_json_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ROUTES", "{bad")
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None)
+    error = caught.value.errors()[0]
+    assert error["loc"] == ("routes",) and "not valid JSON" in error["msg"]
+
+
 def test_a_deployment_does_not_read_the_backends_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_OPENAI_API_KEY", "sk-global-0123456789abcdef")
     settings = routed({"routes": {"r": {"deployments": [openai("a")]}}})
