@@ -400,3 +400,18 @@ def test_done_route_is_encoded_and_survives_the_store() -> None:
     assert terminal_from_dict(terminal_to_dict(done)) == done
     assert terminal_from_dict(terminal_to_dict(Done("stop"))) == Done("stop")
     assert encode_terminal("r1", done).endswith(',"route":{"name":"chat","deployments":["a","b"]}}')
+
+
+async def test_a_feature_no_deployment_of_the_route_has_is_refused_naming_the_field() -> None:
+    from gateway.backends import Tool
+
+    settings = routed({"routes": {"r": {"deployments": [{"name": "e", "backend": "echo"}]}}})
+    async with started(settings) as router:
+        with pytest.raises(GatewayError) as caught:
+            await run(router, tools=(Tool("lookup"),))
+        assert caught.value.code == "bad_request" and "tools" in caught.value.message
+        with pytest.raises(GatewayError) as caught:
+            await run(router, model="nope")
+        assert caught.value.code == "bad_request" and "routes: r" in caught.value.message
+        text, finish = await run(router, "plain text", model="r")
+        assert text == "plain text" and finish.route is not None and finish.route.deployments == ("e",)
