@@ -23,9 +23,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError, from_json
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from config.backends import BackendLoadError, BackendSettings, load_backend_settings, validation_error
+from config.routes import RoutesConfig, read_routes_file
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -93,6 +95,14 @@ class Settings(BaseSettings):
     upstream_idle_timeout_s: float = Field(default=30.0, gt=0)
     upstream_retries: int = Field(default=2, ge=0)
     upstream_retry_backoff_s: float = Field(default=0.25, ge=0)
+
+    # Routes: several deployments behind one model name (config/routes.py, docs/routing.md).
+    # GATEWAY_ROUTES is inline JSON; GATEWAY_ROUTES_FILE a JSON or TOML file. Without
+    # either, GATEWAY_BACKEND serves every request, as one implicit route.
+    routes: RoutesConfig | None = None
+    routes_file: str | None = None
+    # How long a request waits for a slot when every deployment is at its max_concurrency.
+    route_queue_timeout_s: float = Field(default=10.0, ge=0)
 
     # Limits
     max_message_bytes: int = Field(default=1 << 20, ge=256)
@@ -178,6 +188,7 @@ class Settings(BaseSettings):
         """
         if not isinstance(data, dict):
             return handler(data)
+        data = _with_routes_from_file(data)
         name = data.get("backend", cls.model_fields["backend"].default)
         backend_error: ValidationError | None = None
         if isinstance(name, str):
@@ -198,6 +209,14 @@ class Settings(BaseSettings):
         if backend_error is not None:
             raise backend_error
         return settings
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _routes_json(cls, value: Any) -> Any:
+        # GATEWAY_ROUTES arrives decoded; a string is the inline JSON given as a keyword.
+        if isinstance(value, str):
+            return read_routes_json(value)
+        return value
 
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
@@ -259,3 +278,32 @@ class Settings(BaseSettings):
     @property
     def has_jwt_key(self) -> bool:
         return bool(self.jwt_secret or self.jwt_public_key or self.jwt_jwks_url)
+
+
+def read_routes_json(text: str) -> Any:
+    try:
+        return from_json(text)
+    except ValueError as exc:
+        raise PydanticCustomError("routes_json", "GATEWAY_ROUTES is not valid JSON: {reason}",
+                                  {"reason": str(exc)}) from None
+
+
+def _with_routes_from_file(data: dict[str, Any]) -> dict[str, Any]:
+    """``routes`` read from ``routes_file``, validated there so that an error is located in
+    the file (``routes_file.routes.chat.deployments.0.base_url``)."""
+    path = data.get("routes_file")
+    if not path:
+        return data
+    if data.get("routes") is not None:
+        raise validation_error("Settings", [({"type": "routes_file", "input": None,  # type: ignore[typeddict-item]
+                                              "msg": "set GATEWAY_ROUTES or GATEWAY_ROUTES_FILE, not both"},
+                                             ("routes_file",))])
+    try:
+        routes = RoutesConfig.model_validate(read_routes_file(str(path)))
+    except PydanticCustomError as exc:
+        raise validation_error("Settings", [({"type": exc.type, "msg": exc.message(), "input": None},  # type: ignore[typeddict-item]
+                                             ("routes_file",))]) from None
+    except ValidationError as exc:
+        errors = [(error, ("routes_file", *error["loc"])) for error in exc.errors()]
+        raise validation_error("Settings", errors) from None
+    return {**data, "routes": routes}

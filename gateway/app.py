@@ -18,7 +18,7 @@ from config import Settings
 from gateway.auth import Authenticator, build_authenticator
 from gateway.backends import load_backend
 from gateway.cluster import build_cluster
-from gateway.endpoints import admin_broadcast, websocket_endpoint
+from gateway.endpoints import admin_broadcast, admin_routes, websocket_endpoint
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.runtime import CollectionPolicy, GCPauses, LoopLagProbe
@@ -47,8 +47,8 @@ def _log_startup(settings: Settings, auth: Authenticator) -> None:
 
 def create_app(settings: Settings) -> FastAPI:
     authenticator = build_authenticator(settings)
-    backend = load_backend(settings)
     metrics = Metrics()
+    backend = load_backend(settings, metrics)
     cluster = build_cluster(settings)
     hub = Hub(settings, backend, authenticator, metrics, cluster)
 
@@ -111,6 +111,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/admin/broadcast")
     async def admin_broadcast_endpoint(request: Request) -> Response:
         return await admin_broadcast(hub, request)
+
+    @app.get("/admin/routes")
+    async def admin_routes_endpoint(request: Request) -> Response:
+        return await admin_routes(hub, request)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

@@ -13,14 +13,19 @@ from config import Settings
 from gateway.client.types import TokenSource
 
 
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """The variable to fix, and where inside it for a structured one (the routes):
+    ``GATEWAY_ROUTES_FILE routes.chat.deployments.0.base_url``."""
+    if loc and loc[0] in ("routes", "routes_file") and len(loc) > 1:
+        return f"GATEWAY_{str(loc[0]).upper()} {'.'.join(str(part) for part in loc[1:])}"
+    return f"GATEWAY_{'_'.join(str(p) for p in loc).upper()}"
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         settings = Settings()
     except ValidationError as exc:
-        lines = [
-            f"  GATEWAY_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors(include_input=False, include_url=False)
-        ]
+        lines = [f"  {_setting_name(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False, include_url=False)]
         raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None
     updates = {key: value for key, value in overrides.items() if value is not None}
     return settings.model_copy(update=updates) if updates else settings

@@ -198,6 +198,7 @@ class Connection:
                 "generate_burst": s.user_generate_burst,
             },
             resumable=resumable,
+            routes=list(s.routes.routes) if s.routes is not None else None,
         )
 
     async def serve(self) -> None:

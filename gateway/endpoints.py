@@ -144,8 +144,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         hub.socket_closed()
 
 
-async def admin_broadcast(hub: Hub, request: Request) -> Response:
-    """POST /admin/broadcast {"data": …, "user": optional}: a bearer JWT with the admin role."""
+async def _admin_denied(hub: Hub, request: Request) -> Response | None:
+    """None when the request carries a bearer JWT with the admin role, else the answer."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return JSONResponse({"error": "unauthorized", "reason": "a bearer token is required"}, status_code=401)
@@ -157,6 +157,26 @@ async def admin_broadcast(hub: Hub, request: Request) -> Response:
     roles = principal.claims.get(hub.settings.roles_claim)
     if not hub.auth.enabled or not isinstance(roles, list) or hub.settings.admin_role not in roles:
         return JSONResponse({"error": "forbidden", "reason": "the admin role is required"}, status_code=403)
+    return None
+
+
+async def admin_routes(hub: Hub, request: Request) -> Response:
+    """GET /admin/routes: each route's deployments and their health (names and figures,
+    never a deployment's settings); a bearer JWT with the admin role."""
+    denied = await _admin_denied(hub, request)
+    if denied is not None:
+        return denied
+    snapshot = getattr(hub.backend, "snapshot", None)
+    if snapshot is None:
+        return JSONResponse({"routes": None, "backend": hub.backend.name})
+    return JSONResponse(snapshot())
+
+
+async def admin_broadcast(hub: Hub, request: Request) -> Response:
+    """POST /admin/broadcast {"data": …, "user": optional}: a bearer JWT with the admin role."""
+    denied = await _admin_denied(hub, request)
+    if denied is not None:
+        return denied
     try:
         body = await request.json()
     except ValueError:

@@ -336,7 +336,7 @@ class Generation:
                 else:
                     completion_tokens, reasoning_tokens = count, finish.reasoning_tokens or reasoning or None
                 terminal = Done(finish.finish_reason, Usage(prompt_tokens, completion_tokens, reasoning_tokens,
-                                                            finish.cached_tokens))
+                                                            finish.cached_tokens), finish.route)
                 outcome = finish.finish_reason
             if self.scope.cancelled_caught:
                 # What was streamed, whatever its kind.

@@ -87,10 +87,33 @@ class Metrics:
         # The same gauge under its name from before GATEWAY_CLUSTER_URL; kept for dashboards.
         self.redis_up = Gauge("gateway_redis_up", "Deprecated: gateway_cluster_up", registry=r)
         self.set_cluster_up(True)
+        # Routes (gateway/backends/router.py): each deployment's health, by route and deployment.
+        by_deployment = ["route", "deployment"]
+        self.route_requests = Counter(
+            "gateway_route_requests_total",
+            "Attempts on a deployment by outcome (ok, error, timeout, rate_limited, rejected, midstream_error)",
+            [*by_deployment, "outcome"], registry=r)
+        self.route_in_flight = Gauge("gateway_route_in_flight", "Generations in flight on a deployment",
+                                     by_deployment, registry=r)
+        self.route_cooldown = Gauge(
+            "gateway_route_cooldown", "A deployment's state: 0 healthy, 1 cooling down, 2 waiting for its probe",
+            by_deployment, registry=r)
+        # The OpenTelemetry GenAI server metrics, gen_ai.server.time_to_first_token and
+        # gen_ai.server.time_per_output_token, with the gateway's labels.
+        self.route_ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "From the request to a deployment to its first token",
+            by_deployment, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
+        self.route_tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds", "Time per output token after the first, per attempt",
+            by_deployment, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        # Called before each rendering, by parts whose figures change with time alone.
+        self.before_render: list[Callable[[], None]] = []
 
     def set_cluster_up(self, up: bool) -> None:
         self.cluster_up.set(1 if up else 0)
         self.redis_up.set(1 if up else 0)
 
     def render(self) -> bytes:
+        for refresh in self.before_render:
+            refresh()
         return bytes(generate_latest(self.registry))

@@ -3,9 +3,10 @@ test controls every byte: statuses, hangs, malformed events, cut connections.
 
 It runs its own event loop in a thread. Each generation request takes the next ``Plan`` from
 ``FakeUpstream.plans`` (or ``FakeUpstream.default``); by default it streams the words of the
-prompt (or of the last user message) back, honouring ``max_tokens``. Every request is recorded
-as a ``Seen`` with the moment its client went away, which is how a test checks that the
-gateway closed the upstream response.
+prompt (or of the last user message) back, honouring ``max_tokens``; like vLLM and SGLang,
+it honours ``continue_final_message``: the answer goes on after the final assistant message.
+Every request is recorded as a ``Seen`` with the moment its client went away, which is how
+a test checks that the gateway closed the upstream response.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Plan:
     tokens: list[str] | None = None
     after: int = 1  # tokens sent before a mid-stream fault
     delay_s: float = 0.0
+    first_delay_s: float = 0.0  # before the first token: the time to first token
     finish_reason: str | None = None
     usage_in_finish: bool = False  # like `transformers serve`: usage on the finish chunk, no [DONE]
     send_done: bool = True
@@ -44,6 +46,19 @@ class Plan:
     resume: threading.Event = field(default_factory=threading.Event)
     paused: threading.Event = field(default_factory=threading.Event)  # set when it waits
     burst: bool = False  # replay: every event in one HTTP chunk, so they arrive in one read
+
+
+def continue_after(words: list[str], partial: str) -> list[str]:
+    """The rest of the answer ``words`` after its beginning ``partial``."""
+    full = "".join(words)
+    if not full.startswith(partial):
+        return words
+    done = 0
+    for index, word in enumerate(words):
+        if done == len(partial):
+            return words[index:]
+        done += len(word)
+    return [] if done == len(partial) else split_words(full[len(partial):])
 
 
 @dataclass
@@ -237,6 +252,9 @@ class FakeUpstream:
             users = [m["content"] for m in messages if m["role"] == "user"] or [messages[-1]["content"]]
             prompt = users[-1]
         words = plan.tokens if plan.tokens is not None else split_words(prompt)
+        if chat and body.get("continue_final_message") and messages[-1]["role"] == "assistant":
+            # vLLM's continuation: the answer goes on after the final assistant message.
+            words = continue_after(words, messages[-1]["content"] or "")
         max_tokens = int(body.get("max_tokens", len(words)))
         tokens = words[:max_tokens]
         finish = plan.finish_reason or ("length" if len(words) > max_tokens else "stop")
@@ -256,6 +274,8 @@ class FakeUpstream:
         if kind == "hang_before":
             await self._until_gone(seen)
             return
+        if plan.first_delay_s:
+            await asyncio.sleep(plan.first_delay_s)
         for index, token in enumerate(tokens):
             if kind in ("hang_mid", "malformed", "drop", "end_early") and index == plan.after:
                 break

@@ -33,9 +33,16 @@ from gateway.backends.base import (
     ToolCallChunk,
     refusal,
 )
+from gateway.metrics import Metrics
 
 
-def load_backend(settings: Settings) -> Backend:
+def load_backend(settings: Settings, metrics: Metrics | None = None) -> Backend:
+    """The backend ``GATEWAY_BACKEND`` names, or with routes configured the router over
+    their deployments (which labels its figures in ``metrics``)."""
+    if settings.routes is not None:
+        from gateway.backends.router import RouterBackend
+
+        return RouterBackend(settings, metrics)
     factory = resolve_backend_factory(settings.backend)
     # Settings leave a name that loads nothing, or a wrongly declared model, for here to report.
     backend_settings_model(factory)

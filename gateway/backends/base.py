@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from config import Settings
 from config.backends import BackendSettings as BackendSettings
+from gateway.wire.events import RouteTrace
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ RESPONSE_FORMAT = "response_format"
 SEED = "seed"
 REASONING_EFFORT = "reasoning_effort"
 PENALTIES = "penalties"  # frequency_penalty, presence_penalty
+# Not a client's: the router's continuation of an answer cut mid-stream, the final assistant
+# message continued (``continue_final_message``, as vLLM and SGLang take it).
+CONTINUATION = "continuation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,9 @@ class GenerationRequest:
     reasoning_effort: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    # The last message is the start of the assistant's answer, to be continued (the router
+    # sets it after a mid-stream failure, for a backend that lists ``CONTINUATION``).
+    continue_final_message: bool = False
 
     def last_user_text(self) -> str:
         """The prompt, or the text of the last user message."""
@@ -205,6 +212,8 @@ class FinishChunk:
     reasoning_tokens: int | None = None
     cached_tokens: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    # Set by the router: the route and the deployments tried (``done.route``).
+    route: RouteTrace | None = None
 
 
 Chunk = TokenChunk | ReasoningChunk | ToolCallChunk | FinishChunk

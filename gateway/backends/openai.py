@@ -41,6 +41,7 @@ from pydantic_settings import SettingsConfigDict
 from config import Settings
 from config.settings import CommaList, split_commas
 from gateway.backends.base import (
+    CONTINUATION,
     IMAGES,
     PENALTIES,
     REASONING_EFFORT,
@@ -73,7 +74,7 @@ ERROR_BODY_TIMEOUT_S = 2.0
 # after it, and a new connection would cost the next request a TCP and TLS handshake.
 END_OF_BODY_GRACE_S = 0.1
 ERROR_BODY_BYTES = 4096
-CHAT_FEATURES = frozenset({TOOLS, IMAGES, RESPONSE_FORMAT, SEED, REASONING_EFFORT, PENALTIES})
+CHAT_FEATURES = frozenset({TOOLS, IMAGES, RESPONSE_FORMAT, SEED, REASONING_EFFORT, PENALTIES, CONTINUATION})
 COMPLETIONS_FEATURES = frozenset({SEED, PENALTIES})
 
 class _Retry(Exception):
@@ -250,6 +251,10 @@ class OpenAIBackend:
                 body["response_format"] = request.response_format
             if request.reasoning_effort is not None:
                 body["reasoning_effort"] = request.reasoning_effort
+            if request.continue_final_message:
+                # vLLM's and SGLang's: the last (assistant) message is continued, not answered.
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
         else:
             body["prompt"] = (
                 request.prompt if request.prompt is not None else "\n\n".join(t.text for t in request.messages)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, Terminal, ToolCallDelta, Usage
+from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, RouteTrace, Terminal, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,10 @@ def terminal_to_dict(terminal: Terminal) -> dict[str, Any]:
         counts: list[int | None] = [usage.prompt_tokens, usage.completion_tokens]
         if usage.reasoning_tokens is not None or usage.cached_tokens is not None:
             counts += [usage.reasoning_tokens, usage.cached_tokens]
-        return {"done": terminal.finish_reason, "usage": counts}
+        data: dict[str, Any] = {"done": terminal.finish_reason, "usage": counts}
+        if terminal.route is not None:
+            data["route"] = [terminal.route.name, list(terminal.route.deployments)]
+        return data
     return {"failed": terminal.code, "message": terminal.message, "extra": terminal.extra}
 
 
@@ -131,8 +134,11 @@ def terminal_from_dict(data: dict[str, Any]) -> Terminal:
         counts = list(data.get("usage") or (0, 0))
         prompt_tokens, completion_tokens = counts[:2]
         reasoning_tokens, cached_tokens = [*counts[2:4], None, None][:2]
+        route = data.get("route")
+        trace = (RouteTrace(str(route[0]), tuple(str(name) for name in route[1]))
+                 if isinstance(route, list) and len(route) == 2 and isinstance(route[1], list) else None)
         return Done(str(data["done"]), Usage(int(prompt_tokens), int(completion_tokens),
-                                             _optional_count(reasoning_tokens), _optional_count(cached_tokens)))
+                                             _optional_count(reasoning_tokens), _optional_count(cached_tokens)), trace)
     extra = data.get("extra")
     return Failed(str(data["failed"]), str(data.get("message", "")), extra if isinstance(extra, dict) else {})
 

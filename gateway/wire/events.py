@@ -39,9 +39,19 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteTrace:
+    """Where a routed generation ran: the route the client asked for and the deployments
+    tried, in order; the last one finished the answer."""
+
+    name: str
+    deployments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     finish_reason: str
     usage: Usage = Usage()
+    route: RouteTrace | None = None
 
 
 @dataclass(frozen=True, slots=True)

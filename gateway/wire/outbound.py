@@ -13,7 +13,7 @@ import orjson
 from gateway.wire import PROTOCOL
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import failure
-from gateway.wire.events import Done, Failed, Terminal, ToolCallDelta, Usage
+from gateway.wire.events import Done, Failed, RouteTrace, Terminal, ToolCallDelta, Usage
 
 PING_FRAME = '{"type":"ping"}'
 PONG_FRAME = '{"type":"pong"}'
@@ -24,19 +24,21 @@ def dumps(obj: Any) -> str:
 
 
 def encode_hello(*, session: str, user: str, heartbeat_s: float, limits: dict[str, Any],
-                 resumable: list[dict[str, str]] | None = None) -> str:
+                 resumable: list[dict[str, str]] | None = None, routes: list[str] | None = None) -> str:
+    """``routes``: the model names a client may ask for, when routes are configured."""
     heartbeat: float | int = int(heartbeat_s) if float(heartbeat_s).is_integer() else heartbeat_s
-    return dumps(
-        {
-            "type": "hello",
-            "session": session,
-            "user": user,
-            "protocol": PROTOCOL,
-            "heartbeat_s": heartbeat,
-            "limits": limits,
-            "resumable": resumable or [],
-        }
-    )
+    frame: dict[str, Any] = {
+        "type": "hello",
+        "session": session,
+        "user": user,
+        "protocol": PROTOCOL,
+        "heartbeat_s": heartbeat,
+        "limits": limits,
+        "resumable": resumable or [],
+    }
+    if routes is not None:
+        frame["routes"] = routes
+    return dumps(frame)
 
 
 def encode_start(stream_id: str, epoch: str | None = None, *, resumed: bool = False,
@@ -66,13 +68,20 @@ def encode_room_ack(kind: str, room: str) -> str:
 
 def encode_terminal(stream_id: str, terminal: Terminal) -> str:
     if isinstance(terminal, Done):
-        return dumps({
+        frame: dict[str, Any] = {
             "type": "done",
             "id": stream_id,
             "finish_reason": terminal.finish_reason,
             "usage": usage_dict(terminal.usage),
-        })
+        }
+        if terminal.route is not None:
+            frame["route"] = route_dict(terminal.route)
+        return dumps(frame)
     return encode_failure(stream_id, terminal)
+
+
+def route_dict(route: RouteTrace) -> dict[str, Any]:
+    return {"name": route.name, "deployments": list(route.deployments)}
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:

@@ -12,9 +12,9 @@ adds a module here rather than a branch in the tests. A module exports:
   (``tiny_model_dir``, ``example_plugin``).
 - ``CAN_FAIL``: whether the backend has faults to inject (echo cannot fail).
 
-The subjects are found by name: every name in ``config.backends.BUILTIN_BACKENDS`` and
-``plugin`` (the example of docs/backends.md). A built-in backend without a module here is
-a failure of the suite, not a gap in it.
+The subjects are found by name: every name in ``config.backends.BUILTIN_BACKENDS``,
+``plugin`` (the example of docs/backends.md) and ``router`` (routes over deployments). A
+built-in backend without a module here is a failure of the suite, not a gap in it.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from gateway.backends import Backend, GenerationRequest
 from gateway.backends.echo import split_words
 from gateway.wire.codes import ErrorCode
 
-# The documented example plugin's subject, beside the built-in backends.
+# The documented example plugin's subject, beside the built-in backends, and the router
+# that routes configure (docs/routing.md).
 PLUGIN = "plugin"
-SUBJECTS = [*BUILTIN_BACKENDS, PLUGIN]
+ROUTER = "router"
+SUBJECTS = [*BUILTIN_BACKENDS, PLUGIN, ROUTER]
 PROMPT = "tokens arrive in order and stop when asked to stop"
 
 
