@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     # it scans the live objects (tens of milliseconds with a thousand connections).
     gc_freeze_after_start: bool = True
     gc_full_collection_interval_s: float = Field(default=60.0, ge=0)
+    # After each scheduled full collection, hand freed heap memory back to the system.
+    gc_trim_after_collection: bool = True
 
     # Scale-out and resume
     # memory:// (one process) or redis:// / rediss:// (any number of processes share

@@ -66,7 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
             logger.info("gateway ready: backend=%s cluster=%s node=%s", backend.name, cluster.name, cluster.node_id)
             loop_lag = LoopLagProbe(metrics)
             gc_pauses = GCPauses(metrics)
-            collections = CollectionPolicy(settings.gc_freeze_after_start, settings.gc_full_collection_interval_s)
+            collections = CollectionPolicy(settings.gc_freeze_after_start, settings.gc_full_collection_interval_s,
+                                           settings.gc_trim_after_collection)
             loop_lag.start()
             gc_pauses.start()
             collections.start()

@@ -5,8 +5,11 @@ every connection at once, which is what a tail latency is made of."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gateway.metrics import Metrics
@@ -77,6 +80,16 @@ class GCPauses:
 NEVER = 1 << 30
 
 
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
 class CollectionPolicy:
     """When the process collects garbage.
 
@@ -92,7 +105,10 @@ class CollectionPolicy:
       a millisecond;
     - full collections run every ``GATEWAY_GC_FULL_COLLECTION_INTERVAL_S`` instead, so
       cyclic garbage that reached the oldest generation is freed within that interval and
-      memory stays bounded, while a stall of the whole process happens at most that often.
+      memory stays bounded, while a stall of the whole process happens at most that often;
+    - after each of those, the memory freed since goes back to the system (glibc's
+      ``malloc_trim``, ``GATEWAY_GC_TRIM_AFTER_COLLECTION``): otherwise RSS stays at the
+      high-water mark of the busiest minute for the life of the process.
 
     Several apps in one process (tests) share the policy: it is applied by the first and
     undone by the last.
@@ -102,9 +118,11 @@ class CollectionPolicy:
     _saved: tuple[int, int, int] | None = None
     _froze = False
 
-    def __init__(self, freeze_after_start: bool, full_collection_interval_s: float) -> None:
+    def __init__(self, freeze_after_start: bool, full_collection_interval_s: float,
+                 trim_after_collection: bool = False) -> None:
         self.freeze_after_start = freeze_after_start
         self.interval_s = full_collection_interval_s
+        self._trim = malloc_trim() if trim_after_collection else None
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -129,6 +147,10 @@ class CollectionPolicy:
 
     def _collect(self) -> None:
         gc.collect()
+        if self._trim is not None:
+            # Freed memory goes back to the system: after a burst of connections the C
+            # allocator otherwise keeps its high-water mark for the life of the process.
+            self._trim(0)
         self._schedule()
 
     def stop(self) -> None:
