@@ -30,7 +30,7 @@ from gateway.http.items import ItemSource, collect, sse_events
 from gateway.http.sink import EventStream, ResponseSink
 from gateway.hub import Hub, publish_or_unavailable
 from gateway.streams import create_generation, generation_request, new_stream_id
-from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
+from gateway.wire.coalesce import DELTA_TYPES, End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import AuthError, BadRequest, GatewayError
 from gateway.wire.events import Done, Failed
@@ -151,6 +151,23 @@ async def _sink_source(sink: ResponseSink, heartbeat_s: float) -> ItemSource:
         yield await sink.take(heartbeat_s)
 
 
+async def _first_items(sink: ResponseSink, wait_s: float) -> list[OutItem]:
+    """What comes within ``wait_s`` up to the first delta or the end: a generation
+    refused before its first delta is answered with a status rather than a stream."""
+    items: list[OutItem] = []
+    with anyio.move_on_after(wait_s):
+        while not any(isinstance(item, (*DELTA_TYPES, End)) for item in items):
+            items += await sink.take(None)
+    return items
+
+
+async def _prefixed(first: list[OutItem], source: ItemSource) -> ItemSource:
+    if first:
+        yield first
+    async for items in source:
+        yield items
+
+
 async def chat_completions(hub: Hub, request: Request, principal: Principal) -> Response:
     settings = hub.settings
     try:
@@ -172,8 +189,19 @@ async def chat_completions(hub: Hub, request: Request, principal: Principal) -> 
     created = int(generation.meta.created_at)
     headers = {GENERATION_ID_HEADER: stream_id}
     if chat.stream:
+        try:
+            first = await _first_items(sink, settings.heartbeat_interval_s)
+        except BaseException:
+            _stop_following(sink, follow)
+            raise
+        refused = first[-1].terminal if first and isinstance(first[-1], End) else None
+        if isinstance(refused, Failed) and not any(isinstance(item, DELTA_TYPES) for item in first):
+            # Failed before its first delta (a model the backend refuses, an upstream's
+            # 4xx): the status says so, as OpenAI's does.
+            _stop_following(sink, follow)
+            return _completion_response(stream_id, created, model, "", "", [], refused, headers)
         encoder = ChunkEncoder(stream_id, created, model)
-        events = sse_events(_sink_source(sink, settings.heartbeat_interval_s), encoder,
+        events = sse_events(_prefixed(first, _sink_source(sink, settings.heartbeat_interval_s)), encoder,
                             include_usage=chat.include_usage, send_role=True)
         return EventStream(headers, events, lambda: _stop_following(sink, follow))
     try:
