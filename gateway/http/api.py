@@ -14,7 +14,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import anyio
@@ -164,8 +165,9 @@ async def _first_items(sink: ResponseSink, wait_s: float) -> list[OutItem]:
 async def _prefixed(first: list[OutItem], source: ItemSource) -> ItemSource:
     if first:
         yield first
-    async for items in source:
-        yield items
+    async with contextlib.aclosing(source) as rest:  # type: ignore[type-var]
+        async for items in rest:
+            yield items
 
 
 async def chat_completions(hub: Hub, request: Request, principal: Principal) -> Response:
@@ -203,7 +205,7 @@ async def chat_completions(hub: Hub, request: Request, principal: Principal) -> 
         encoder = ChunkEncoder(stream_id, created, model)
         events = sse_events(_prefixed(first, _sink_source(sink, settings.heartbeat_interval_s)), encoder,
                             include_usage=chat.include_usage, send_role=True)
-        return EventStream(headers, events, lambda: _stop_following(sink, follow))
+        return EventStream(headers, events, partial(_stop_following, sink, follow))
     try:
         content, reasoning, tool_calls, terminal = await collect(_sink_source(sink, settings.heartbeat_interval_s))
     finally:
@@ -241,48 +243,48 @@ async def _stored_meta(hub: Hub, user: str, stream_id: str) -> StreamMeta:
     return meta
 
 
-async def _store_source(hub: Hub, meta: StreamMeta, after: int, heartbeat_s: float) -> ItemSource:
-    """A generation's items from the stream store, after ``after``: the replay, the live
-    tail and the terminal; the producing process is told it is followed. An empty list
-    when nothing came for ``heartbeat_s``."""
+def _store_relay(hub: Hub, meta: StreamMeta, after: int, sink: ResponseSink) -> Callable[[], Coroutine[Any, Any, None]]:
+    """A task that puts a generation's items from the stream store into ``sink``, after
+    ``after``: the replay, the live tail and the terminal, while telling the producing
+    process that the generation is followed. Owned by the response (``EventStream``'s
+    task group, or the request's for a collected answer)."""
     ref = StreamRef.of(meta.id)
-    send, receive = anyio.create_memory_object_stream[list[OutItem]](16)
 
     async def relay() -> None:
-        async with send:
-            await send.send([Start(ref, meta.epoch, meta.room, True)])
-            async for event in hub.store.follow(meta, after):
-                if isinstance(event, TokenBatch):
-                    if event.kinds is None:
-                        await send.send([Token(ref, event.first_seq + offset, text)
-                                         for offset, text in enumerate(event.texts)])
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(_announce, hub, meta)
+            try:
+                await sink.send(Start(ref, meta.epoch, meta.room, True))
+                async for event in hub.store.follow(meta, after):
+                    if isinstance(event, TokenBatch):
+                        if event.kinds is None:
+                            for offset, text in enumerate(event.texts):
+                                await sink.send(Token(ref, event.first_seq + offset, text))
+                        else:
+                            for last_seq, text, kind in delta_runs(event.first_seq, event.texts, event.kinds):
+                                await sink.send(delta_item(ref, last_seq, text, kind))
                     else:
-                        await send.send([delta_item(ref, last_seq, text, kind) for last_seq, text, kind
-                                         in delta_runs(event.first_seq, event.texts, event.kinds)])
-                else:
-                    await send.send([End(ref, event)])
-                    return
-
-    async def announce() -> None:
-        interval = follow_notice_interval(hub.settings)
-        while True:
-            with contextlib.suppress(Exception):
-                await hub.publish(FollowNotice(meta.user, meta.id))
-            await anyio.sleep(interval)
-
-    async with anyio.create_task_group() as task_group:
-        task_group.start_soon(relay)
-        task_group.start_soon(announce)
-        async with receive:
-            while True:
-                items: list[OutItem] | None = None
-                with anyio.move_on_after(heartbeat_s):
-                    try:
-                        items = await receive.receive()
-                    except anyio.EndOfStream:
+                        await sink.send(End(ref, event))
                         break
-                yield items if items is not None else []
-        task_group.cancel_scope.cancel()
+                else:
+                    await sink.send(End(ref, Failed(str(ErrorCode.NOT_FOUND), "the generation expired")))
+            except anyio.ClosedResourceError:
+                pass  # the response ended
+            except Exception:
+                logger.warning("stream=%s relaying from the stream store failed", meta.id)
+                sink.send_urgent(End(ref, Failed(str(ErrorCode.UNAVAILABLE), "the stream store is unreachable"
+                                                 " right now; resume again")))
+            task_group.cancel_scope.cancel()
+
+    return relay
+
+
+async def _announce(hub: Hub, meta: StreamMeta) -> None:
+    interval = follow_notice_interval(hub.settings)
+    while True:
+        with contextlib.suppress(Exception):
+            await hub.publish(FollowNotice(meta.user, meta.id))
+        await anyio.sleep(interval)
 
 
 def _after(request: Request) -> int:
@@ -314,11 +316,12 @@ async def resume(hub: Hub, request: Request, principal: Principal) -> Response:
     headers = {GENERATION_ID_HEADER: stream_id}
     generation = hub.generations.get((user, stream_id))
     model = (generation.request.model if generation is not None else None) or hub.backend.name
-    source: AsyncIterator[list[OutItem]]
-    on_close: Callable[[], None]
+    sink = ResponseSink(settings.send_queue_size)
+    source = _sink_source(sink, settings.heartbeat_interval_s)
+    background: Callable[[], Coroutine[Any, Any, None]] | None = None
+    on_close: Callable[[], None] = sink.close
     if generation is not None and generation.terminal is None:
         created = int(generation.meta.created_at)
-        sink = ResponseSink(settings.send_queue_size)
         follow, replay = generation.attach_for_resume(sink, after)
         # No await from here to ``live``: nothing produced meanwhile is lost or reordered.
         sink.extend([generation.start_item(resumed=True), *replay, *follow.backlog])
@@ -326,20 +329,21 @@ async def resume(hub: Hub, request: Request, principal: Principal) -> Response:
         follow.live = True
         if follow.ended.is_set():
             sink.follow_ended(follow)
-        source = _sink_source(sink, settings.heartbeat_interval_s)
-        on_close = lambda: _stop_following(sink, follow)  # noqa: E731
+        on_close = partial(_stop_following, sink, follow)
     else:
         meta = await _stored_meta(hub, user, stream_id)
         created = int(meta.created_at)
-        source = _store_source(hub, meta, after, settings.heartbeat_interval_s)
-        on_close = lambda: None  # noqa: E731
+        background = _store_relay(hub, meta, after, sink)
     if stream:
         events = sse_events(source, ChunkEncoder(stream_id, created, model), include_usage=True,
                             send_role=after < 0)
-        return EventStream(headers, events, on_close)
+        return EventStream(headers, events, on_close, background)
     try:
-        async with contextlib.aclosing(source) as items:  # type: ignore[type-var]
-            content, reasoning, tool_calls, terminal = await collect(items)
+        async with anyio.create_task_group() as task_group:
+            if background is not None:
+                task_group.start_soon(background)
+            content, reasoning, tool_calls, terminal = await collect(source)
+            task_group.cancel_scope.cancel()
     finally:
         on_close()
     return _completion_response(stream_id, created, model, content, reasoning, tool_calls, terminal, headers)

@@ -5,6 +5,7 @@ generation anywhere, or finished), as lists of whatever is waiting."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,6 +41,13 @@ async def sse_events(source: ItemSource, encoder: ChunkEncoder, *, include_usage
     event id, then the finish chunk, the usage chunk when asked, and ``[DONE]``; or, when
     the generation failed, one error event and no ``[DONE]``. ``: ping`` when nothing came
     for an interval."""
+    async with contextlib.aclosing(source) as items_source:  # type: ignore[type-var]
+        async for events in _sse_events(items_source, encoder, include_usage, send_role):
+            yield events
+
+
+async def _sse_events(source: ItemSource, encoder: ChunkEncoder, include_usage: bool,
+                      send_role: bool) -> AsyncIterator[bytes]:
     async for items in source:
         if not items:
             yield PING_EVENT
@@ -80,21 +88,22 @@ async def collect(source: ItemSource) -> tuple[str, str, list[dict[str, Any]], T
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
-    async for items in source:
-        for item in items:
-            if type(item) is Token:
-                content.append(item.text)
-            elif type(item) is Reasoning:
-                reasoning.append(item.text)
-            elif type(item) is ToolCallFragment:
-                call = calls.setdefault(item.call.index, {"id": "", "type": "function",
-                                                          "function": {"name": "", "arguments": ""}})
-                if item.call.call_id is not None:
-                    call["id"] = item.call.call_id
-                if item.call.name is not None:
-                    call["function"]["name"] = item.call.name
-                call["function"]["arguments"] += item.arguments
-            elif type(item) is End:
-                return "".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)], item.terminal
+    async with contextlib.aclosing(source) as items_source:  # type: ignore[type-var]
+        async for items in items_source:
+            for item in items:
+                if type(item) is Token:
+                    content.append(item.text)
+                elif type(item) is Reasoning:
+                    reasoning.append(item.text)
+                elif type(item) is ToolCallFragment:
+                    call = calls.setdefault(item.call.index, {"id": "", "type": "function",
+                                                              "function": {"name": "", "arguments": ""}})
+                    if item.call.call_id is not None:
+                        call["id"] = item.call.call_id
+                    if item.call.name is not None:
+                        call["function"]["name"] = item.call.name
+                    call["function"]["arguments"] += item.arguments
+                elif type(item) is End:
+                    return "".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)], item.terminal
     return "".join(content), "".join(reasoning), [calls[i] for i in sorted(calls)], None
 

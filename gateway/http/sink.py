@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -100,13 +100,16 @@ class ResponseSink:
 class EventStream(Response):
     """An ASGI ``text/event-stream`` response. ``events`` yields the bytes to write;
     ``on_close`` runs exactly once however the response ends (the stream's end, the
-    client's disconnect, the server's shutdown)."""
+    client's disconnect, the server's shutdown); ``background``, when given, runs for as
+    long as the response (a relay that feeds ``events``)."""
 
-    def __init__(self, headers: dict[str, str], events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(self, headers: dict[str, str], events: AsyncIterator[bytes], on_close: Callable[[], None],
+                 background: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         super().__init__(status_code=200)
         self.extra_headers = headers
         self.events = events
         self.on_close = on_close
+        self.feed = background
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -123,6 +126,8 @@ class EventStream(Response):
                     task_group.cancel_scope.cancel()
 
                 task_group.start_soon(watch_disconnect)
+                if self.feed is not None:
+                    task_group.start_soon(self.feed)
                 async with contextlib.aclosing(self.events) as events:  # type: ignore[type-var]
                     async for chunk in events:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
