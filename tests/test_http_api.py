@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +19,7 @@ import openai
 import pytest
 
 from tests.fake_upstream import FakeUpstream, Plan
-from tests.support import Serve, ServerThread, connected, make_settings, mint, recv_until
+from tests.support import ROOT, Serve, ServerThread, connected, make_settings, mint, recv_until
 from tests.test_fidelity import RECORDED, Answer, expected_from, recorded
 
 pytestmark = pytest.mark.anyio
@@ -308,3 +311,28 @@ def test_cors_answers_the_allowed_origins_only(serve: Serve) -> None:
                            json={"model": "echo", "messages": HELLO})
         assert answer.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-generation-id" in answer.headers["access-control-expose-headers"]
+
+
+@pytest.mark.slow
+def test_the_readme_curl_streams_as_printed(serve: Serve) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("curl -N "))
+    server = serve(backend="echo")
+    output = subprocess.run(["bash", "-c", command.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")],
+                            env={**os.environ, "TOKEN": mint()}, capture_output=True, text=True, timeout=30,
+                            check=True).stdout
+    events = sse(output)
+    assert events[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "hello there"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    printed = readme[readme.index(command):]
+    printed = printed[printed.index("```text\n") + 8:printed.index("```", printed.index("```text\n") + 8)]
+    # The README shows the same kinds of lines (how many deltas ride in one event depends
+    # on timing).
+    assert {line.split(":", 1)[0] for line in printed.splitlines()} == {
+        line.split(":", 1)[0] for line in output.splitlines()} == {"data", "id", ""}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,3 +211,22 @@ async def test_cancel_ends_the_stream(serve: Serve) -> None:
     assert events.events[-1] == (None, "[DONE]")
     assert assemble(events).finish_reason == "cancelled"
     assert len(assemble(events).content.split()) < 500
+
+
+def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer(serve: Serve) -> None:
+    server = serve(backend="synthetic", synthetic_tokens_per_s=0, max_tokens=1_000_000, send_queue_size=4,
+                   slow_consumer_timeout_s=0.5)
+    body = json.dumps({"model": "m", "stream": True, "messages": HELLO, "max_tokens": 1_000_000}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"authorization: Bearer " + mint().encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        # The client reads nothing more: the generation is detached and, with no grace, ends.
+        deadline = time.monotonic() + 10
+        while server.metric('gateway_generations_total{outcome="abandoned",transport="http"}') != 1:
+            assert time.monotonic() < deadline, "the stalled stream was never closed"
+            time.sleep(0.05)
+    finally:
+        sock.close()

@@ -205,7 +205,8 @@ async def chat_completions(hub: Hub, request: Request, principal: Principal) -> 
         encoder = ChunkEncoder(stream_id, created, model)
         events = sse_events(_prefixed(first, _sink_source(sink, settings.heartbeat_interval_s)), encoder,
                             include_usage=chat.include_usage, send_role=True)
-        return EventStream(headers, events, partial(_stop_following, sink, follow))
+        return EventStream(headers, events, partial(_stop_following, sink, follow),
+                           write_timeout_s=settings.slow_consumer_timeout_s)
     try:
         content, reasoning, tool_calls, terminal = await collect(_sink_source(sink, settings.heartbeat_interval_s))
     finally:
@@ -337,7 +338,7 @@ async def resume(hub: Hub, request: Request, principal: Principal) -> Response:
     if stream:
         events = sse_events(source, ChunkEncoder(stream_id, created, model), include_usage=True,
                             send_role=after < 0)
-        return EventStream(headers, events, on_close, background)
+        return EventStream(headers, events, on_close, background, write_timeout_s=settings.slow_consumer_timeout_s)
     try:
         async with anyio.create_task_group() as task_group:
             if background is not None:

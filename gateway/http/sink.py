@@ -104,8 +104,10 @@ class EventStream(Response):
     long as the response (a relay that feeds ``events``)."""
 
     def __init__(self, headers: dict[str, str], events: AsyncIterator[bytes], on_close: Callable[[], None],
-                 background: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+                 background: Callable[[], Coroutine[Any, Any, None]] | None = None, *,
+                 write_timeout_s: float = 10.0) -> None:
         super().__init__(status_code=200)
+        self.write_timeout_s = write_timeout_s
         self.extra_headers = headers
         self.events = events
         self.on_close = on_close
@@ -130,7 +132,14 @@ class EventStream(Response):
                     task_group.start_soon(self.feed)
                 async with contextlib.aclosing(self.events) as events:  # type: ignore[type-var]
                     async for chunk in events:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        with anyio.move_on_after(self.write_timeout_s) as write:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        if write.cancelled_caught:
+                            # A client that stops reading is a slow consumer, as on the
+                            # socket: the response ends; the generation is detached.
+                            logger.info("HTTP stream closed: the client stopped reading")
+                            task_group.cancel_scope.cancel()
+                            return
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 task_group.cancel_scope.cancel()
         except OSError:
