@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -336,3 +337,13 @@ def test_the_readme_curl_streams_as_printed(serve: Serve) -> None:
     # on timing).
     assert {line.split(":", 1)[0] for line in printed.splitlines()} == {
         line.split(":", 1)[0] for line in output.splitlines()} == {"data", "id", ""}
+
+
+def test_the_readme_python_lines_run(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "OpenAI(" in b)
+    server = serve(backend="echo")
+    namespace: dict[str, Any] = {"token": mint()}
+    exec(compile(block.replace("http://127.0.0.1:8000", server.http), "README.md", "exec"), namespace)
+    namespace["client"].close()
+    assert capsys.readouterr().out == "Hello there\n"
