@@ -191,6 +191,14 @@ def test_with_no_grace_a_dropped_stream_cancels_the_upstream_at_once(serve: Serv
     assert upstream.last().gone.wait(1.0)
 
 
+def test_with_no_grace_a_dropped_completion_cancels_the_upstream(serve: Serve, upstream: FakeUpstream) -> None:
+    upstream.plans.append(Plan(kind="hang_mid", tokens=["a", " b", " c"], after=2))
+    server = via_upstream(serve, upstream, http_resume_grace_s=0)
+    with httpx.Client(base_url=server.http, timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", headers=bearer(), json={"model": "gpt-4o-mini", "messages": HELLO})
+    assert upstream.last().gone.wait(1.0)
+
+
 async def test_cancel_ends_the_stream(serve: Serve) -> None:
     server = serve(backend="synthetic", synthetic_tokens_per_s=50)
     events = Events()

@@ -49,6 +49,9 @@ from gateway.wire.openai_http import (
 logger = logging.getLogger("gateway.http")
 
 GENERATION_ID_HEADER = "x-generation-id"
+# What the request metric records for a client that went away before its answer (nginx's
+# "client closed request"); nobody reads the response.
+CLIENT_GONE = 499
 _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 
@@ -208,10 +211,34 @@ async def chat_completions(hub: Hub, request: Request, principal: Principal) -> 
         return EventStream(headers, events, partial(_stop_following, sink, follow),
                            write_timeout_s=settings.slow_consumer_timeout_s)
     try:
-        content, reasoning, tool_calls, terminal = await collect(_sink_source(sink, settings.heartbeat_interval_s))
+        collected = await _collect_while_connected(request, _sink_source(sink, settings.heartbeat_interval_s))
     finally:
         _stop_following(sink, follow)
-    return _completion_response(stream_id, created, model, content, reasoning, tool_calls, terminal, headers)
+    if collected is None:
+        return Response(status_code=CLIENT_GONE)
+    return _completion_response(stream_id, created, model, *collected, headers)
+
+
+async def _collect_while_connected(request: Request, source: ItemSource,
+                                   feed: Callable[[], Coroutine[Any, Any, None]] | None = None
+                                   ) -> tuple[str, str, list[dict[str, Any]], Done | Failed | None] | None:
+    """``collect``, or None when the client goes away first (the generation is then
+    detached by the caller, not cancelled). ``feed`` runs meanwhile: a relay that fills
+    ``source``."""
+    collected: tuple[str, str, list[dict[str, Any]], Done | Failed | None] | None = None
+    async with anyio.create_task_group() as task_group:
+
+        async def watch_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            task_group.cancel_scope.cancel()
+
+        task_group.start_soon(watch_disconnect)
+        if feed is not None:
+            task_group.start_soon(feed)
+        collected = await collect(source)
+        task_group.cancel_scope.cancel()
+    return collected
 
 
 def _stop_following(sink: ResponseSink, follow: Follow) -> None:
@@ -340,14 +367,12 @@ async def resume(hub: Hub, request: Request, principal: Principal) -> Response:
                             send_role=after < 0)
         return EventStream(headers, events, on_close, background, write_timeout_s=settings.slow_consumer_timeout_s)
     try:
-        async with anyio.create_task_group() as task_group:
-            if background is not None:
-                task_group.start_soon(background)
-            content, reasoning, tool_calls, terminal = await collect(source)
-            task_group.cancel_scope.cancel()
+        collected = await _collect_while_connected(request, source, background)
     finally:
         on_close()
-    return _completion_response(stream_id, created, model, content, reasoning, tool_calls, terminal, headers)
+    if collected is None:
+        return Response(status_code=CLIENT_GONE)
+    return _completion_response(stream_id, created, model, *collected, headers)
 
 
 async def cancel(hub: Hub, request: Request, principal: Principal) -> Response:
