@@ -246,6 +246,22 @@ def test_the_per_user_limit_is_shared_with_the_socket(serve: Serve) -> None:
     anyio.run(hold_a_socket_generation)
 
 
+def test_the_generate_rate_is_a_429_with_retry_after_and_a_drain_a_503(serve: Serve) -> None:
+    server = serve(backend="echo", user_generate_rate_per_s=0.01, user_generate_burst=1)
+    sdk = client(server)
+    sdk.chat.completions.create(model="echo", messages=HELLO)
+    with pytest.raises(openai.RateLimitError) as limited:
+        sdk.chat.completions.create(model="echo", messages=HELLO)
+    assert isinstance(limited.value.body, dict) and limited.value.body["code"] == "rate_limited"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    server.hub.draining = True
+    with pytest.raises(openai.InternalServerError) as draining:
+        client(server, mint("bob")).chat.completions.create(model="echo", messages=HELLO)
+    assert draining.value.status_code == 503
+    assert isinstance(draining.value.body, dict) and draining.value.body["code"] == "shutting_down"
+    server.hub.draining = False
+
+
 def test_a_chosen_id_in_use_is_a_409(serve: Serve) -> None:
     server = serve(backend="echo")
     sdk = client(server)
