@@ -198,6 +198,11 @@ def measure_gateway_http(ctx: Any, upstream_port: int, streams: int, tokens: int
         ("GATEWAY_OPENAI_BASE_URL", f"http://127.0.0.1:{upstream_port}/v1"),
         ("GATEWAY_OPENAI_MODELS", MODEL),
         ("GATEWAY_OPENAI_MAX_CONNECTIONS", str(max(streams, 1))),
+        # Every stream is one user's, as every LiteLLM request carries its master key: the
+        # per-user limits are raised to let them all run at once.
+        ("GATEWAY_MAX_STREAMS_PER_USER", str(streams + 1)),
+        ("GATEWAY_USER_GENERATE_BURST", str(streams + 1)),
+        ("GATEWAY_USER_GENERATE_RATE_PER_S", str(streams + 1)),
     ))
     token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
     spec = {"kind": "sse", "host": "127.0.0.1", "connections": streams, "max_tokens": tokens, "model": MODEL,
