@@ -9,15 +9,15 @@ bodies and writes what this module encodes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import FrameError
 from gateway.wire.events import Done, Failed, ToolCallDelta, Usage
-from gateway.wire.inbound import GenerateMessage, _describe, _safe_stream_id
+from gateway.wire.inbound import GenerateMessage, validate_generate
 
 DONE_EVENT = b"data: [DONE]\n\n"
 PING_EVENT = b": ping\n\n"
@@ -40,6 +40,7 @@ _STATUS: dict[str, tuple[int, str]] = {
     ErrorCode.INTERNAL: (500, "server_error"),
 }
 UNAUTHORIZED = "unauthorized"
+_GENERATION_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 
 class ChatRequest:
@@ -86,17 +87,14 @@ def parse_chat_request(body: bytes, generation_id: str | None) -> ChatRequest:
     fields = {key: value for key, value in data.items() if key not in ("prompt", "room", "type", "id")}
     if data.get("max_completion_tokens") is not None:
         fields["max_tokens"] = data["max_completion_tokens"]
-    fields["type"] = "generate"
     if generation_id is not None:
-        if _safe_stream_id({"id": generation_id}) is None:
+        if not _GENERATION_ID.fullmatch(generation_id):
             raise _bad("x-generation-id: 1-64 of A-Z a-z 0-9 _ . : -", "x-generation-id")
         fields["id"] = generation_id
     try:
-        message = GenerateMessage.model_validate(fields)
-    except ValidationError as exc:
-        described = _describe(exc)
-        param = described.split(":", 1)[0] if ":" in described else None
-        raise _bad(described, param) from None
+        message = validate_generate(fields)
+    except FrameError as exc:
+        raise _bad(exc.message, exc.message.split(":", 1)[0] if ":" in exc.message else None) from None
     return ChatRequest(message, bool(stream), include_usage)
 
 
