@@ -238,3 +238,26 @@ def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer(serve: Serve) 
             time.sleep(0.05)
     finally:
         sock.close()
+
+
+async def test_cancel_on_another_process_ends_the_stream(serve: Serve) -> None:
+    require_redis()
+    shared = {"cluster_url": TEST_REDIS_URL, "redis_prefix": unique_prefix(), "resume_grace_s": 10}
+    producer = serve(backend="synthetic", synthetic_tokens_per_s=50, **shared)
+    other = serve(backend="synthetic", synthetic_tokens_per_s=50, **shared)
+    events = Events()
+    async with httpx.AsyncClient(timeout=10) as http, anyio.create_task_group() as tg:
+
+        async def stream() -> None:
+            async with http.stream("POST", producer.http + "/v1/chat/completions", headers=bearer(), json={
+                    "model": "m", "stream": True, "messages": HELLO, "max_tokens": 500}) as response:
+                await events.read(response)
+
+        tg.start_soon(stream)
+        with anyio.fail_after(10):
+            await events.first_delta.wait()
+        cancelled = await http.post(f"{other.http}/v1/chat/completions/{events.generation_id}/cancel",
+                                    headers=bearer())
+        assert cancelled.status_code == 200
+    assert events.events[-1] == (None, "[DONE]")
+    assert assemble(events).finish_reason == "cancelled"
