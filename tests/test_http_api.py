@@ -22,6 +22,8 @@ import pytest
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import ROOT, Serve, ServerThread, connected, make_settings, mint, recv_until
 from tests.test_fidelity import RECORDED, Answer, expected_from, recorded
+from tests.test_routing import openai as openai_deployment
+from tests.test_routing import routed
 
 pytestmark = pytest.mark.anyio
 
@@ -312,6 +314,20 @@ def test_models_lists_what_a_client_may_ask_for(serve: Serve, upstream: FakeUpst
     assert [model.id for model in client(server).models.list()] == ["gpt-4o-mini", "gpt-4.1"]
     echo = serve(backend="echo")
     assert [model.id for model in client(echo).models.list()] == ["echo"]
+
+
+def test_routes_are_the_models_and_a_completion_takes_one(serve: Serve, upstream: FakeUpstream) -> None:
+    routes = {"default_route": "big", "routes": {"big": {"deployments": [openai_deployment("a", upstream)]},
+                                                  "small": {"deployments": [openai_deployment("b", upstream)]}}}
+    server = serve(routed(routes))
+    sdk = client(server)
+    assert [model.id for model in sdk.models.list()] == ["big", "small"]
+    completion = sdk.chat.completions.create(model="small", messages=HELLO)
+    assert completion.choices[0].message.content == "the quick brown fox jumps"
+    assert completion.model == "small"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        sdk.chat.completions.create(model="nope", messages=HELLO, stream=True)
+    assert "nope" in str(unknown.value)
 
 
 def test_cors_answers_the_allowed_origins_only(serve: Serve) -> None:
