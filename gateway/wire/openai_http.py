@@ -84,6 +84,8 @@ def parse_chat_request(body: bytes, generation_id: str | None) -> ChatRequest:
         include_usage = bool(options.get("include_usage", False))
     if "messages" not in data:
         raise _bad("messages: Field required", "messages")
+    if data["messages"] is None:
+        raise _bad("messages: Input should be a valid list", "messages")
     fields = {key: value for key, value in data.items() if key not in ("prompt", "room", "type", "id")}
     if data.get("max_completion_tokens") is not None:
         fields["max_tokens"] = data["max_completion_tokens"]
