@@ -270,8 +270,9 @@ def test_a_chosen_id_in_use_is_a_409(serve: Serve) -> None:
     first = sdk.chat.completions.with_raw_response.create(model="echo", messages=HELLO,
                                                           extra_headers={"X-Generation-Id": "mine-1"})
     assert first.headers["x-generation-id"] == "mine-1" and first.parse().id == "mine-1"
-    with pytest.raises(openai.ConflictError):
+    with pytest.raises(openai.ConflictError) as conflict:
         sdk.chat.completions.create(model="echo", messages=HELLO, extra_headers={"X-Generation-Id": "mine-1"})
+    assert conflict.value.response.headers["x-generation-id"] == "mine-1"
     # Scoped to the user: another user may use the same id.
     other = client(server, mint("bob")).chat.completions.create(
         model="echo", messages=HELLO, extra_headers={"X-Generation-Id": "mine-1"})

@@ -58,25 +58,29 @@ _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 class HttpError(Exception):
     """A request refused before its response started."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None, retry_after_s: float | None = None
-                 ) -> None:
+    def __init__(self, code: str, message: str, *, param: str | None = None, retry_after_s: float | None = None,
+                 generation_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.generation_id = generation_id
 
     @classmethod
-    def of(cls, exc: GatewayError) -> HttpError:
+    def of(cls, exc: GatewayError, generation_id: str | None = None) -> HttpError:
         retry = exc.extra.get("retry_after_s")
         if retry is None and exc.code in (ErrorCode.TOO_MANY_STREAMS, ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE,
                                           ErrorCode.SHUTTING_DOWN):
             retry = 1.0
-        return cls(str(exc.code), exc.message, param=exc.extra.get("param"), retry_after_s=retry)
+        return cls(str(exc.code), exc.message, param=exc.extra.get("param"), retry_after_s=retry,
+                   generation_id=generation_id)
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
         status, _ = http_status(self.code)
         headers = dict(headers or {})
+        if self.generation_id is not None:
+            headers[GENERATION_ID_HEADER] = self.generation_id
         if self.retry_after_s is not None:
             headers["retry-after"] = str(max(1, round(self.retry_after_s + 0.499)))
         if status == 401:
@@ -183,10 +187,15 @@ async def chat_completions(hub: Hub, request: Request, principal: Principal) -> 
     message = chat.message
     user = principal.user
     stream_id = message.id or new_stream_id()
-    _admit(hub, message, user, stream_id)
-    generation = await create_generation(
-        hub, generation_request(message, stream_id, user, settings.default_max_tokens), None,
-        log_name="http", transport="http")
+    try:
+        _admit(hub, message, user, stream_id)
+        generation = await create_generation(
+            hub, generation_request(message, stream_id, user, settings.default_max_tokens), None,
+            log_name="http", transport="http")
+    except GatewayError as exc:
+        # Refused before it started; the id it would have had (or the one the client
+        # chose) still names it.
+        raise HttpError.of(exc, stream_id) from None
     sink = ResponseSink(settings.send_queue_size)
     follow = generation.follow(sink)
     hub.start_generation(generation)
