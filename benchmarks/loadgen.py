@@ -345,7 +345,8 @@ async def kind_slow(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def kind_sse(spec: dict[str, Any]) -> dict[str, Any]:
     """N concurrent streaming chat completions over HTTP (Server-Sent Events), as a client of
-    an OpenAI-compatible server would make them: the LiteLLM proxy or the upstream itself.
+    an OpenAI-compatible server would make them: the LiteLLM proxy, the upstream itself, or
+    the gateway's HTTP API (``api_key`` a JWT).
     Tokens are the chunks whose ``delta.content`` is not empty; the time to first token is
     from sending the request to reading the first of them.
 
@@ -371,11 +372,17 @@ async def kind_sse(spec: dict[str, Any]) -> dict[str, Any]:
                     errors[f"http_{response.status}"] = errors.get(f"http_{response.status}", 0) + 1
                     return
                 pending = b""
+                # The gateway's events carry the seq of their last delta as the event id
+                # (several deltas may ride in one event); other servers' carry one token each.
+                event_id: int | None = None
                 while data := await response.content.readany():
                     now = time.monotonic()
                     *lines, pending = (pending + data).split(b"\n")
                     for line in lines:
                         line = line.rstrip(b"\r")
+                        if line.startswith(b"id: "):
+                            event_id = int(line[4:])
+                            continue
                         if not line.startswith(b"data: ") or line == b"data: [DONE]":
                             continue
                         event = orjson.loads(line[6:])
@@ -384,8 +391,9 @@ async def kind_sse(spec: dict[str, Any]) -> dict[str, Any]:
                                 if stream.first_at is None:
                                     stream.first_at = now
                                 stream.last_at = now
-                                stream.last_seq += 1
+                                stream.last_seq = event_id if event_id is not None else stream.last_seq + 1
                                 stream.frames += 1
+                        event_id = None
                         if event.get("usage"):
                             stream.completion_tokens = event["usage"].get("completion_tokens")
             if stream.completion_tokens is None:

@@ -1,5 +1,6 @@
-"""The peer comparison: the gateway (``openai`` backend, over its WebSocket) and the LiteLLM
-proxy (over SSE) in front of the same local OpenAI-compatible upstream (``upstream.py``).
+"""The peer comparison: the gateway (``openai`` backend, over its WebSocket and over its
+OpenAI-compatible HTTP API) and the LiteLLM proxy (over SSE) in front of the same local
+OpenAI-compatible upstream (``upstream.py``).
 
 LiteLLM lives in its own virtualenv, since its dependencies are not the gateway's:
 ``python3 -m venv /tmp/venv-litellm && /tmp/venv-litellm/bin/pip install 'litellm[proxy]'``
@@ -185,5 +186,28 @@ def measure_gateway(ctx: Any, upstream_port: int, streams: int, tokens: int) -> 
         # A first run opens the gateway's upstream connections, as LiteLLM's warm-up request does.
         run_loadgen({**spec, "connections": 1, "max_tokens": 10}, server, ctx.pinning, timeout=120.0)
         run = run_loadgen(spec, server, ctx.pinning, timeout=600.0)
+    window = run.window("sgo", "send")
+    return {**run.result, **window}
+
+
+def measure_gateway_http(ctx: Any, upstream_port: int, streams: int, tokens: int) -> dict[str, Any]:
+    """The gateway's OpenAI-compatible HTTP API, read by the same SSE client as LiteLLM."""
+    import jwt
+
+    target = Target("gateway (openai backend, HTTP)", "gateway", backend="openai", env=(
+        ("GATEWAY_OPENAI_BASE_URL", f"http://127.0.0.1:{upstream_port}/v1"),
+        ("GATEWAY_OPENAI_MODELS", MODEL),
+        ("GATEWAY_OPENAI_MAX_CONNECTIONS", str(max(streams, 1))),
+        # Every stream is one user's, as every LiteLLM request carries its master key: the
+        # per-user limits are raised to let them all run at once.
+        ("GATEWAY_MAX_STREAMS_PER_USER", str(streams + 1)),
+        ("GATEWAY_USER_GENERATE_BURST", str(streams + 1)),
+        ("GATEWAY_USER_GENERATE_RATE_PER_S", str(streams + 1)),
+    ))
+    token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+    spec = {"kind": "sse", "host": "127.0.0.1", "connections": streams, "max_tokens": tokens, "model": MODEL,
+            "api_key": token, "timeout_s": 300.0}
+    with ServerProcess(target, ServerOptions(), ctx.pinning, ctx.workdir) as server:
+        run = run_loadgen({**spec, "port": server.port}, server, ctx.pinning, timeout=600.0)
     window = run.window("sgo", "send")
     return {**run.result, **window}

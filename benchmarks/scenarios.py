@@ -643,6 +643,9 @@ def peer_section(ctx: Context) -> Section:
             ctx.log(f"peer: gateway, {streams} stream(s) x {tokens} tokens")
             rows.append({"who": "gateway (WebSocket)", "n": streams,
                          **peer.measure_gateway(ctx, upstream.port, streams, tokens)})
+            ctx.log(f"peer: gateway over HTTP, {streams} stream(s) x {tokens} tokens")
+            rows.append({"who": "gateway (HTTP, SSE)", "n": streams,
+                         **peer.measure_gateway_http(ctx, upstream.port, streams, tokens)})
         if executable is None:
             section.notes.append(
                 "LiteLLM not run: no `litellm` executable (looked at --litellm, BENCH_LITELLM, "
@@ -681,7 +684,8 @@ def peer_section(ctx: Context) -> Section:
         "(benchmarks/upstream.py, on the load generator's core). The proxy under test (the gateway with "
         "GATEWAY_BACKEND=openai, or LiteLLM with one worker) runs on the server core. Added TTFT is the proxy's "
         "time to first token minus the upstream's own, measured by the same kind of client (SSE, read with aiohttp, "
-        "for the upstream and LiteLLM; the WebSocket for the gateway); each proxy first serves one warm-up request. "
+        "for the upstream, LiteLLM and the gateway's HTTP API; the WebSocket for the gateway's socket); each proxy "
+        "first serves one warm-up request. "
         "The upstream's own figures are read from the server core, which is idle in that run, so the client does "
         "not wait for the upstream's bursts on a shared core.",
         "LiteLLM runs with LITELLM_LOCAL_MODEL_COST_MAP=True, LITELLM_TELEMETRY=False, DISABLE_ADMIN_UI=True, no "

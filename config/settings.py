@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     store_checkpoint_interval_s: float = Field(default=1.0, gt=0, le=60)
     store_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     resume_grace_s: float = Field(default=30.0, ge=0)
+    # A dropped HTTP stream (the OpenAI-compatible API); unset: resume_grace_s.
+    http_resume_grace_s: float | None = Field(default=None, ge=0)
     node_ttl_s: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1)
 

@@ -19,6 +19,7 @@ from gateway.auth import Authenticator, build_authenticator
 from gateway.backends import load_backend
 from gateway.cluster import build_cluster
 from gateway.endpoints import admin_broadcast, admin_routes, websocket_endpoint
+from gateway.http import install as install_http_api
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.runtime import CollectionPolicy, GCPauses, LoopLagProbe
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.hub = hub
     app.state.settings = settings
     app.add_api_websocket_route("/ws", websocket_endpoint)
+    install_http_api(app, hub)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

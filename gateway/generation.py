@@ -110,8 +110,11 @@ class Follow:
 
 class Generation:
     def __init__(self, hub: Host, meta: StreamMeta, request: GenerationRequest, lease: Lease,
-                 accepted_at: float) -> None:
+                 accepted_at: float, transport: str = "ws") -> None:
         self.hub = hub
+        # How it was asked for ("ws" or "http"): a label of its metrics, and which resume
+        # grace applies when its last follower goes away.
+        self.transport = transport
         self.meta = meta
         self.request = request
         self.lease = lease
@@ -281,7 +284,7 @@ class Generation:
                         else:  # a kind of chunk this gateway does not know
                             continue  # type: ignore[unreachable]
                         if count == 0:
-                            hub.metrics.ttft.observe(anyio.current_time() - self.accepted_at)
+                            hub.metrics.ttft.labels(self.transport).observe(anyio.current_time() - self.accepted_at)
                         if self._stored == count and not self._flusher_lingering:
                             self._wake_flusher()
                         self.tokens.append(text)

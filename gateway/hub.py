@@ -184,7 +184,7 @@ class Hub:
         if self.generations.get(generation.key) is generation:
             del self.generations[generation.key]
         self.metrics.active_generations.set(len(self.generations))
-        self.metrics.generations_total.labels(outcome if outcome in _OUTCOMES else "other").inc()
+        self.metrics.generations_total.labels(outcome if outcome in _OUTCOMES else "other", generation.transport).inc()
         if not self.generations:
             self._no_generations.set()
 
@@ -192,13 +192,20 @@ class Hub:
         """Its last follower went away: cancel it unless someone resumes it within the grace."""
         if self.draining:
             return
-        if self.settings.resume_grace_s <= 0:
+        if self.resume_grace_s(generation) <= 0:
             generation.cancel(None, "abandoned")
             return
         self.spawn(self._abandon_unless_resumed, generation)
 
+    def resume_grace_s(self, generation: Generation) -> float:
+        """How long a generation with no follower runs on, waiting for a resume."""
+        settings = self.settings
+        if generation.transport == "http" and settings.http_resume_grace_s is not None:
+            return settings.http_resume_grace_s
+        return settings.resume_grace_s
+
     async def _abandon_unless_resumed(self, generation: Generation) -> None:
-        grace = self.settings.resume_grace_s
+        grace = self.resume_grace_s(generation)
         while not generation.finished.is_set():
             detached_at = generation.detached_at
             if detached_at is None or generation.follows:

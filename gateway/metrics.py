@@ -31,7 +31,8 @@ class Metrics:
         self.connections_total = Counter("gateway_connections_total", "Accepted WebSocket connections", registry=r)
         self.active_generations = Gauge("gateway_active_generations", "Generations running now", registry=r)
         self.generations_total = Counter(
-            "gateway_generations_total", "Finished generations by outcome", ["outcome"], registry=r
+            "gateway_generations_total", "Finished generations by outcome and transport (ws, http)",
+            ["outcome", "transport"], registry=r
         )
         self.tokens_sent = Counter("gateway_tokens_sent_total", "Tokens delivered to clients", registry=r)
         self.frames_sent = Counter("gateway_frames_sent_total", "Frames written to clients", registry=r)
@@ -54,9 +55,14 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("gateway_errors_total", "Error frames sent, by code", ["code"], registry=r)
+        self.http_requests = Counter(
+            "gateway_http_requests_total", "OpenAI-compatible HTTP API requests, by endpoint and status",
+            ["endpoint", "status"], registry=r,
+        )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
-            "From an accepted generate to its first token being queued",
+            "From an accepted generate to its first token being queued, by transport (ws, http)",
+            ["transport"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )

@@ -94,6 +94,38 @@ def generation_request(message: GenerateMessage, stream_id: str, user: str, defa
     )
 
 
+async def create_generation(hub: Hub, request: GenerationRequest, room: str | None, *, log_name: str,
+                            transport: str = "ws") -> Generation:
+    """A generation for an admitted request, not yet started: the backend's refusal, the
+    user's generation slot (``too_many_streams``, ``rate_limited``) and the id's claim in
+    the stream store (``duplicate_id``) are checked here, for every transport alike."""
+    refused = refusal(hub.backend, request)
+    if refused is not None:
+        raise BadRequest(refused)
+    user = request.user
+    stream_id = request.id
+    accepted_at = anyio.current_time()
+    lease = await hub.limits.acquire_generation(user)
+    meta = StreamMeta(user=user, id=stream_id, epoch=new_epoch(), node=hub.node_id,
+                      created_at=time.time(), room=room)
+    # From here until the hub owns the generation nothing may leak the lease: no await
+    # follows the store's create.
+    try:
+        created = await hub.store.create(meta)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await lease.release()
+        if not isinstance(exc, Exception) or isinstance(exc, GatewayError):
+            raise
+        logger.warning("conn=%s stream=%s stream store create failed: %s", log_name, stream_id,
+                       type(exc).__name__)
+        raise RetryLater("the stream store is unavailable; try again") from None
+    if not created:
+        await lease.release()
+        raise GatewayError("this id was used recently; pick another or resume it", code=ErrorCode.DUPLICATE_ID)
+    return Generation(hub, meta, request, lease, accepted_at, transport)
+
+
 @dataclass(eq=False)
 class RemoteFollow:
     """Following a generation through the stream store (it runs on another process, or it
@@ -149,29 +181,7 @@ class Streams:
             draining=hub.draining, following=self.running(),
         )
         request = generation_request(message, stream_id, user, settings.default_max_tokens)
-        refused = refusal(hub.backend, request)
-        if refused is not None:
-            raise BadRequest(refused)
-        accepted_at = anyio.current_time()
-        lease = await hub.limits.acquire_generation(user)
-        meta = StreamMeta(user=user, id=stream_id, epoch=new_epoch(), node=hub.node_id,
-                          created_at=time.time(), room=message.room)
-        # From here until the hub owns the generation nothing may leak the lease: no await
-        # follows the store's create.
-        try:
-            created = await hub.store.create(meta)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await lease.release()
-            if not isinstance(exc, Exception) or isinstance(exc, GatewayError):
-                raise
-            logger.warning("conn=%s stream=%s stream store create failed: %s", host.session_id, stream_id,
-                           type(exc).__name__)
-            raise RetryLater("the stream store is unavailable; try again") from None
-        if not created:
-            await lease.release()
-            raise GatewayError("this id was used recently; pick another or resume it", code=ErrorCode.DUPLICATE_ID)
-        generation = Generation(hub, meta, request, lease, accepted_at)
+        generation = await create_generation(hub, request, message.room, log_name=host.session_id)
         if message.room is None:
             # The generation sends its own start frame first (see Generation._produce).
             self.follows[stream_id] = generation.follow(host.outbox)

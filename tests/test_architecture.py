@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gateway.core", "gateway.supervise"),
     ("gateway.backends", "gateway.auth", "gateway.cluster"),
     ("gateway.outbox", "gateway.generation", "gateway.hub", "gateway.streams", "gateway.rooms",
-     "gateway.connection", "gateway.endpoints", "gateway.runtime"),
+     "gateway.connection", "gateway.endpoints", "gateway.runtime", "gateway.http"),
     ("gateway.transport",),
     ("gateway.app", "gateway.serve", "gateway.cli", "gateway.__main__", "gateway.client", "gateway"),
 ]

@@ -120,7 +120,7 @@ def test_ctrl_c_cancels_the_answer_and_a_second_ctrl_c_quits(terminals: Any) -> 
         assert 3 <= int(match.group(2)) < 2000
         shown = match.group(1).replace("^C", "")  # the terminal driver echoes the Ctrl-C
         assert "".join(synthetic_tokens("a very long answer please", 2000)).startswith(shown)
-        assert server.metric('gateway_generations_total{outcome="cancelled"}') == 1
+        assert server.metric('gateway_generations_total{outcome="cancelled",transport="ws"}') == 1
         chat.type("\x03")  # at the prompt: quit
         assert chat.wait() == 0
 

@@ -194,7 +194,7 @@ async def test_a_dropped_connection_is_resumed_with_no_gap_and_no_duplicate() ->
     assert [t["finish_reason"] for t in terminals] == ["length", "length"]
     drop = next(c for c in changes if c.state == "reconnecting")
     assert drop.opened and drop.code in (None, 1006) and drop.delay_s is not None and 1.0 <= drop.delay_s <= 2.0
-    assert server.metric('gateway_generations_total{outcome="length"}') == 2
+    assert server.metric('gateway_generations_total{outcome="length",transport="ws"}') == 2
 
 
 @slow

@@ -107,7 +107,7 @@ async def test_a_generation_nobody_resumes_is_cancelled_after_the_grace(serve: S
         await ws.send(json.dumps({"type": "resume", "id": "orphan", "after": -1}))
         frames = await recv_until(ws, terminal_for("orphan"))
     assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "cancelled"
-    assert server.metric('gateway_generations_total{outcome="abandoned"}') == 1
+    assert server.metric('gateway_generations_total{outcome="abandoned",transport="ws"}') == 1
 
 
 async def test_cancel_from_a_connection_that_does_not_follow_gets_the_terminal_frame(serve: Serve) -> None:

@@ -387,8 +387,8 @@ async def test_health_readiness_metrics_and_page(serve: Serve) -> None:
             metrics = (await http.get("/metrics")).text
         assert "gateway_open_connections 1.0" in metrics
         assert "gateway_tokens_sent_total 3.0" in metrics
-        assert "gateway_time_to_first_token_seconds_count 1.0" in metrics
-        assert 'gateway_generations_total{outcome="stop"} 1.0' in metrics
+        assert 'gateway_time_to_first_token_seconds_count{transport="ws"} 1.0' in metrics
+        assert 'gateway_generations_total{outcome="stop",transport="ws"} 1.0' in metrics
         page = await http.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower() and "/ws" in page.text
 

@@ -168,6 +168,8 @@ class OpenAIBackend:
         self._models_url = openai.base_url + "/models"
         # What a client may ask for: the list, or by default only the configured model.
         self._allowed_models: list[str] = list(openai.models) or ([openai.model] if openai.model else [])
+        # What GET /v1/models lists.
+        self.model_ids = tuple(m for m in self._allowed_models if m != "*") or ((openai.model,) if openai.model else ())
         key = openai.api_key.get_secret_value() if openai.api_key else ""
         self._headers = dict(openai.headers)
         if key:

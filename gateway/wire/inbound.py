@@ -316,3 +316,12 @@ def parse_client_frame(text: str) -> ClientMessage:
     if isinstance(message, GenerateMessage) and (message.prompt is None) == (message.messages is None):
         raise FrameError('exactly one of "prompt" or "messages" is required', stream_id=stream_id)
     return message  # type: ignore[return-value]
+
+
+def validate_generate(fields: dict[str, Any]) -> GenerateMessage:
+    """A ``generate`` from fields already decoded (the HTTP API's Chat Completions body):
+    the same checks, and the same ``FrameError`` naming the field, as a socket's frame."""
+    try:
+        return GenerateMessage.model_validate({**fields, "type": "generate"})
+    except ValidationError as exc:
+        raise FrameError(_describe(exc)) from None
