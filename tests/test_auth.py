@@ -325,6 +325,7 @@ async def test_random_key_ids_cause_at_most_one_fetch(provider: IdentityProvider
     assert provider.fetches - fetches <= 1
 
 
+@pytest.mark.slow
 async def test_a_hanging_jwks_endpoint_fails_only_the_handshakes_that_need_it(
         provider: IdentityProvider, serve: Serve) -> None:
     provider.rotate_in("k1")

@@ -221,6 +221,7 @@ async def test_cancel_ends_the_stream(serve: Serve) -> None:
     assert len(assemble(events).content.split()) < 500
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer(serve: Serve) -> None:
     server = serve(backend="synthetic", synthetic_tokens_per_s=0, max_tokens=1_000_000, send_queue_size=4,
                    slow_consumer_timeout_s=0.5)

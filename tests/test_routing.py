@@ -362,6 +362,7 @@ async def test_a_failed_probe_starts_another_cooldown(upstreams: list[FakeUpstre
         assert len(a.generation_requests()) == 2
 
 
+@pytest.mark.slow
 async def test_every_deployment_at_its_cap_waits_then_too_many_streams(upstreams: list[FakeUpstream]) -> None:
     a = upstreams[0]
     a.default = Plan(delay_s=0.2)
