@@ -518,6 +518,8 @@ def scenario_6(ctx: Context) -> Section:
     counters then count only this gateway), else the one at DEFAULT_REDIS_URL."""
     import shutil
 
+    if importlib.util.find_spec("redis") is None:
+        return scenario_6_on(ctx, None, missing="redis-py is not installed (`pip install -e '.[redis]'`)")
     if ctx.store_env or shutil.which("redis-server") is None:
         store_env = dict(ctx.store_env) if ctx.store_env else default_store_env()
         return scenario_6_on(ctx, store_env)
@@ -527,22 +529,26 @@ def scenario_6(ctx: Context) -> Section:
         return scenario_6_on(ctx, {"GATEWAY_REDIS_URL": url}, private=True)
 
 
-def scenario_6_on(ctx: Context, store_env: dict[str, str] | None, private: bool = False) -> Section:
-    import redis
-
-    from benchmarks.redis_cost import command_calls
-
+def scenario_6_on(ctx: Context, store_env: dict[str, str] | None, private: bool = False,
+                  missing: str | None = None) -> Section:
     p = ctx.plan
     section = Section(
         "s6", "6. Redis stream store: CPU per token and delay relative to memory-only",
         ["run", "CPU µs/token", "x memory-only", "p99 added delay ms", "x memory-only p99", "store writes/token",
          "Redis commands/token", "bytes stored/token", "check"],
     )
+    if missing is not None:
+        section.notes.append(f"Not run: {missing}.")
+        return section
     if not store_env:
         section.notes.append(
             f"Not run: no Redis answered at {DEFAULT_REDIS_URL}. Run with a Redis on loopback, or name one: "
             "`python -m benchmarks --only 6 --store-env GATEWAY_REDIS_URL=redis://HOST:6379/15`.")
         return section
+    import redis
+
+    from benchmarks.redis_cost import command_calls
+
     client = redis.Redis.from_url(store_env["GATEWAY_REDIS_URL"], decode_responses=True)
     # Paced load below saturation, so the delay column means something.
     n = min(max(p.s3_streams), 300)
