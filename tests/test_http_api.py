@@ -9,7 +9,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import require_program
 from tests.fake_upstream import FakeUpstream, Plan
 from tests.support import ROOT, Serve, ServerThread, connected, make_settings, mint, recv_until
 from tests.test_fidelity import RECORDED, Answer, expected_from, recorded
@@ -349,9 +349,7 @@ def test_cors_answers_the_allowed_origins_only(serve: Serve) -> None:
 
 @pytest.mark.slow
 def test_the_readme_curl_streams_as_printed(serve: Serve) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    require_program("curl")
     readme = (ROOT / "README.md").read_text()
     command = next(line for line in readme.splitlines() if line.startswith("curl -N "))
     server = serve(backend="echo")

@@ -362,6 +362,13 @@ async def test_a_failed_probe_starts_another_cooldown(upstreams: list[FakeUpstre
         assert len(a.generation_requests()) == 2
 
 
+async def holding_the_slot(router: Any) -> None:
+    """Until the route's one deployment has a request in flight."""
+    with anyio.fail_after(5):
+        while router.states["r"][0].in_flight < 1:
+            await anyio.sleep(0.005)
+
+
 @pytest.mark.slow
 async def test_every_deployment_at_its_cap_waits_then_too_many_streams(upstreams: list[FakeUpstream]) -> None:
     a = upstreams[0]
@@ -371,7 +378,7 @@ async def test_every_deployment_at_its_cap_waits_then_too_many_streams(upstreams
     async with started(settings) as router:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, router, "one two three four five")
-            await anyio.sleep(0.1)
+            await holding_the_slot(router)
             with pytest.raises(GatewayError) as caught:
                 await run(router)
             assert caught.value.code == "too_many_streams"
@@ -379,7 +386,7 @@ async def test_every_deployment_at_its_cap_waits_then_too_many_streams(upstreams
         settings = settings.model_copy(update={"route_queue_timeout_s": 5.0})
     async with started(settings) as router, anyio.create_task_group() as tg:
         tg.start_soon(run, router, "one two three")
-        await anyio.sleep(0.1)
+        await holding_the_slot(router)
         text, _finish = await run(router, "four five")
         assert text == "four five"
 

@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Final, Generic, TypeVar
 
+from gateway.cluster.redis.wakeup import Wakeup
+
 W = TypeVar("W")
 
 _COMMITTED: Final = "committed"
@@ -45,7 +47,7 @@ class GroupCommit(Generic[W]):
         self._pending: list[_Pending[W]] = []
         self._leading = False
         self._last_start = -float("inf")
-        self._gap: asyncio.Future[None] | None = None
+        self._gap = Wakeup()
         # Counters for tests and benchmarks: commits made, writes carried.
         self.commits = 0
         self.writes = 0
@@ -54,8 +56,8 @@ class GroupCommit(Generic[W]):
         loop = asyncio.get_running_loop()
         entry = _Pending(write, urgent, loop.create_future())
         self._pending.append(entry)
-        if urgent and self._gap is not None and not self._gap.done():
-            self._gap.set_result(None)
+        if urgent:
+            self._gap.wake()
         if self._leading:
             try:
                 role = await entry.outcome
@@ -80,13 +82,7 @@ class GroupCommit(Generic[W]):
         while True:
             wait = self._last_start + self.interval_s - loop.time()
             if wait > 0 and not any(entry.urgent for entry in self._pending):
-                self._gap = gap = loop.create_future()
-                timer = loop.call_later(wait, _resolve, gap)
-                try:
-                    await gap
-                finally:
-                    timer.cancel()
-                    self._gap = None
+                await self._gap.wait(wait)
             batch, self._pending = self._pending, []
             self._last_start = loop.time()
             try:
@@ -117,7 +113,3 @@ class GroupCommit(Generic[W]):
         # Writers whose callers went away (cancelled) stay pending: the next commit carries them.
         self._leading = False
 
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.cluster.redis.context import CLOSE_TIMEOUT_S, RedisContext
+from gateway.cluster.redis.wakeup import Wakeup
 
 logger = logging.getLogger("gateway.redis")
 
@@ -44,13 +45,13 @@ def entry_order(entry_id: str) -> tuple[int, int]:
 class Subscription:
     """One follower's place in one stream: entries after ``last_id`` not yet taken."""
 
-    __slots__ = ("_waiter", "entries", "key", "last_id")
+    __slots__ = ("_arrived", "entries", "key", "last_id")
 
     def __init__(self, key: str, last_id: str) -> None:
         self.key = key
         self.last_id = last_id
         self.entries: deque[Entry] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._arrived = Wakeup()
 
     def _deliver(self, entries: list[Entry]) -> None:
         after = entry_order(self.last_id)
@@ -59,24 +60,13 @@ class Subscription:
             return
         self.entries.extend(fresh)
         self.last_id = fresh[-1][0]
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._arrived.wake()
 
     async def take(self, timeout_s: float) -> list[Entry]:
         """What arrived since the last take; waits up to ``timeout_s`` for something, and
         returns an empty list when nothing came."""
         if not self.entries:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, _resolve, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._arrived.wait(timeout_s)
         taken = list(self.entries)
         self.entries.clear()
         return taken
@@ -86,9 +76,9 @@ class StreamTailer:
     def __init__(self, context: RedisContext) -> None:
         self.ctx = context
         self._subscriptions: dict[str, list[Subscription]] = {}
-        self._changed: asyncio.Future[None] | None = None
+        self._changed = Wakeup()
         self._blocked_id: int | None = None  # the reading connection's id while it blocks
-        self._unblock_wanted: asyncio.Future[None] | None = None
+        self._unblock_wanted = Wakeup()
         # Reads made, for tests and benchmarks.
         self.reads = 0
 
@@ -117,19 +107,16 @@ class StreamTailer:
             self._poke()
 
     def _poke(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        if self._blocked_id is not None and self._unblock_wanted is not None and not self._unblock_wanted.done():
-            self._unblock_wanted.set_result(None)
+        self._changed.wake()
+        if self._blocked_id is not None:
+            self._unblock_wanted.wake()
 
     async def _unblocker(self) -> None:
         """Ends the blocked read when the keys change (``CLIENT UNBLOCK`` from the command
         pool), at most one at a time; a read that was not blocked yet ends on its own
         within TAIL_BLOCK_MS."""
-        loop = asyncio.get_running_loop()
         while True:
-            self._unblock_wanted = wanted = loop.create_future()
-            await wanted
+            await self._unblock_wanted.wait()
             client_id = self._blocked_id
             if client_id is None:
                 continue
@@ -155,7 +142,6 @@ class StreamTailer:
                 tg.start_soon(self._unblocker)
                 await self._read(connection)
         finally:
-            self._unblock_wanted = None
             with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await connection.aclose()
 
@@ -165,11 +151,7 @@ class StreamTailer:
         while True:
             wanted = self._wanted()
             if not wanted:
-                self._changed = asyncio.get_running_loop().create_future()
-                try:
-                    await self._changed
-                finally:
-                    self._changed = None
+                await self._changed.wait()
                 continue
             try:
                 if client_id is None:
@@ -193,7 +175,3 @@ class StreamTailer:
                     if not subscription.entries:
                         subscription._deliver(entries)
 
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
