@@ -9,21 +9,14 @@ Who owns what:
 - Connections *follow* a generation. A local follower gets every token pushed into its
   send queue by the producer, which waits when the queue is full: a slow reader pauses
   the backend (backpressure). A generation with no followers runs at the backend's pace.
-- Tokens are also batched into the stream store by one flusher task per generation, one
-  write per batch, so a client can resume on any process. Room generations publish the
-  same batches to the room, and write each batch as soon as it is there. Other
-  generations write at most once per interval, counted from the start of the previous
-  write: the store's ``flush_interval_s`` while a follower on another process reads the
-  stream (it announces itself with a ``FollowNotice``, and the notice also triggers a
-  write at once), else ``GATEWAY_STORE_CHECKPOINT_INTERVAL_S``. So a paced stream costs
-  the store and the event loop one write per interval, not one per token; the tail and
-  the terminal are written as soon as production ends.
+- Tokens are also batched into the stream store, so a client can resume on any process,
+  by the generation's ``StoreWriter`` (gateway/store_writer.py): one write per interval,
+  not one per token, and the terminal last.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,12 +27,12 @@ from anyio import BrokenResourceError, ClosedResourceError
 
 from config import Settings
 from gateway.backends import Backend, FinishChunk, GenerationRequest, ReasoningChunk, TokenChunk, ToolCallChunk
-from gateway.cluster.base import Lease, StreamMeta, StreamStore, TokenBatch
-from gateway.cluster.control import ControlMessage, RoomEnd, RoomEvent, RoomEvents, RoomStart, RoomTokens
+from gateway.cluster.base import Lease, StreamMeta, StreamStore
+from gateway.cluster.control import ControlMessage, RoomEvent, RoomEvents, RoomStart
 from gateway.core.ports import Follower
 from gateway.metrics import Metrics
-from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
-from gateway.wire.codes import ErrorCode
+from gateway.store_writer import StoreWriter
+from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item
 from gateway.wire.errors import GatewayError, failure
 from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, Terminal, ToolCallDelta, Usage
 
@@ -49,16 +42,6 @@ logger = logging.getLogger("gateway.generation")
 ACLOSE_TIMEOUT_S = 2.0
 # After max_tokens, how long to wait for the backend's own FinishChunk (its usage).
 FINISH_AFTER_LIMIT_WAIT_S = 1.0
-# How long the flusher keeps retrying the store after the generation ended.
-FLUSH_GIVE_UP_S = 30.0
-# How often a process following a generation through the store tells the producing
-# process that it still does, as a fraction of the resume grace period.
-FOLLOW_NOTICE_FRACTION = 1 / 3
-
-
-def follow_notice_interval(settings: Settings) -> float:
-    return max(settings.resume_grace_s * FOLLOW_NOTICE_FRACTION, 0.5)
-
 
 class Host(Protocol):
     """What a generation needs of the process that runs it (the hub)."""
@@ -131,15 +114,11 @@ class Generation:
         self.terminal: Terminal | None = None
         self.cancel_terminal: Failed | None = None
         self.cancel_outcome = "cancelled"
-        self.last_remote_follow = -float("inf")
         self.detached_at: float | None = None
         # The follower the producer is waiting on for room (backpressure), if any.
         self._waiting_on: Follow | None = None
-        # Tokens before this index are in the store; the rest wait for the flusher.
-        self._stored = 0
-        self._flusher_waiter: asyncio.Future[None] | None = None
-        self._flusher_lingering = False
-        self._producing = True
+        # Batches the deltas into the stream store (see gateway/store_writer.py).
+        self.writer = StoreWriter(self, hub.store, hub.settings, self._publish_room)
         self._ended = False
 
     @property
@@ -149,6 +128,14 @@ class Generation:
     @property
     def key(self) -> tuple[str, str]:
         return (self.meta.user, self.meta.id)
+
+    @property
+    def last_remote_follow(self) -> float:
+        """When a process following this generation through the store last said so."""
+        return self.writer.last_remote_follow
+
+    def followed_elsewhere(self) -> None:
+        self.writer.followed_elsewhere()
 
     def start_item(self, *, resumed: bool = False) -> Start:
         return Start(self.ref, self.meta.epoch, self.meta.room, resumed)
@@ -211,24 +198,32 @@ class Generation:
     async def run(self) -> None:
         outcome = "error"
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._flusher)
-                try:
-                    if self.meta.room is not None:
-                        await self._publish_room(RoomStart(self.meta.id, self.meta.epoch))
-                    terminal, outcome = await self._produce()
-                    # Set before the flusher can run again: it stores the terminal last.
-                    self.terminal = terminal
-                finally:
-                    self._producing = False
-                    self._wake_flusher()
-                await self._deliver_terminal(terminal)
-                await self._end(outcome)
-                # Leaving the task group waits for the flusher to store the rest.
+            if self.writer.inline:
+                outcome = await self._produce_and_deliver()
+                # What is left, then the terminal: the flusher's last round, run here.
+                await self.writer.run()
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.writer.run)
+                    outcome = await self._produce_and_deliver()
+                    # Leaving the task group waits for the flusher to store the rest.
         finally:
             with anyio.CancelScope(shield=True):
                 await self._end(outcome)
             self.finished.set()
+
+    async def _produce_and_deliver(self) -> str:
+        try:
+            if self.meta.room is not None:
+                await self._publish_room(RoomStart(self.meta.id, self.meta.epoch))
+            terminal, outcome = await self._produce()
+            # Set before the flusher can run again: it stores the terminal last.
+            self.terminal = terminal
+        finally:
+            self.writer.production_ended()
+        await self._deliver_terminal(terminal)
+        await self._end(outcome)
+        return outcome
 
     async def _end(self, outcome: str) -> None:
         if self._ended:
@@ -247,6 +242,10 @@ class Generation:
         calls: dict[int, ToolCallDelta] = {}
         terminal: Terminal
         outcome: str
+        writer = self.writer
+        writes_inline = writer.inline
+        loop = asyncio.get_running_loop()
+        writer.next_inline_write = loop.time() + writer.write_interval()
         try:
             with self.scope:
                 finish: FinishChunk | None = None
@@ -285,8 +284,11 @@ class Generation:
                             continue  # type: ignore[unreachable]
                         if count == 0:
                             hub.metrics.ttft.labels(self.transport).observe(anyio.current_time() - self.accepted_at)
-                        if self._stored == count and not self._flusher_lingering:
-                            self._wake_flusher()
+                        if writes_inline:
+                            if loop.time() >= writer.next_inline_write:
+                                await writer.write_between_tokens()
+                        elif writer.stored == count and not writer.lingering:
+                            writer.wake()
                         self.tokens.append(text)
                         kinds = self.kinds
                         if kinds is not None:
@@ -376,118 +378,6 @@ class Generation:
             follow.sink.follow_ended(follow)
             follow.ended.set()
         self.follows.clear()
-
-    def _wake_flusher(self) -> None:
-        waiter = self._flusher_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _flusher_wait(self, linger_s: float | None = None) -> None:
-        """Until ``_wake_flusher`` (or ``linger_s``). A bare future: this runs once per batch."""
-        loop = asyncio.get_running_loop()
-        self._flusher_waiter = waiter = loop.create_future()
-        timer = loop.call_later(linger_s, self._wake_flusher) if linger_s is not None else None
-        try:
-            await waiter
-        finally:
-            self._flusher_waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    def followed_elsewhere(self) -> None:
-        """A process following this generation through the store said so: write what is
-        pending now, and keep writing at the store's pace while such notices come."""
-        self.last_remote_follow = anyio.current_time()
-        if self._flusher_lingering:
-            self._wake_flusher()
-
-    def _write_interval(self) -> float:
-        """How long after the start of one write the next may start."""
-        store = self.hub.store
-        if anyio.current_time() - self.last_remote_follow <= follow_notice_interval(self.hub.settings) * 2.5:
-            return store.flush_interval_s
-        return max(store.flush_interval_s, self.hub.settings.store_checkpoint_interval_s)
-
-    async def _flusher(self) -> None:
-        """Write pending tokens to the store (and the room) one batch at a time; the next
-        batch is whatever accumulated while the previous write was in flight, and during
-        ``_write_interval`` after it started while the generation is producing. While no
-        token comes, the stream's TTL is refreshed so a slow generation stays resumable."""
-        store = self.hub.store
-        meta = self.meta
-        in_room = meta.room is not None
-        touch_every = max(self.hub.settings.resume_ttl_s / 3, 1.0)
-        last_write = anyio.current_time()
-        ended_at: float | None = None
-        lost = False
-        while True:
-            if self._stored == len(self.tokens):
-                if not self._producing:
-                    break
-                await self._flusher_wait(max(last_write + touch_every - anyio.current_time(), 0.0))
-                if (self._stored == len(self.tokens) and self._producing
-                        and anyio.current_time() - last_write >= touch_every):
-                    with contextlib.suppress(Exception):
-                        await store.touch(meta)
-                    last_write = anyio.current_time()
-                continue
-            batch = self._pending_batch()
-            started = anyio.current_time()
-            try:
-                if self._producing:
-                    await store.write(meta, batch)
-                else:
-                    with anyio.CancelScope(shield=True):
-                        await store.write(meta, batch)
-            except Exception:
-                if not self._producing:
-                    ended_at = ended_at if ended_at is not None else anyio.current_time()
-                    if anyio.current_time() - ended_at > FLUSH_GIVE_UP_S:
-                        logger.error("stream=%s could not store %d token(s); giving up", meta.id, len(batch.texts))
-                        lost = True
-                        break
-                await anyio.sleep(0.2)
-                continue
-            last_write = anyio.current_time()
-            self._stored += len(batch.texts)
-            if in_room:
-                await self._publish_room(*(RoomTokens(meta.id, last_seq, text, kind) for last_seq, text, kind
-                                           in delta_runs(batch.first_seq, batch.texts, batch.kinds)))
-                continue
-            linger = started + self._write_interval() - anyio.current_time()
-            if linger > 0 and self._producing:
-                self._flusher_lingering = True
-                try:
-                    await self._flusher_wait(linger)
-                finally:
-                    self._flusher_lingering = False
-        await self._store_terminal(lost)
-
-    def _pending_batch(self) -> TokenBatch:
-        """The deltas not yet stored, with their kinds when some are not answer text."""
-        first = self._stored
-        kinds = self.kinds
-        return TokenBatch(first, tuple(self.tokens[first:]), tuple(kinds[first:]) if kinds is not None else None)
-
-    async def _store_terminal(self, lost: bool) -> None:
-        terminal = self.terminal
-        if terminal is None:  # the hub itself was cancelled: nothing to store
-            return
-        if lost:
-            # The stored stream lacks its tail: a resumer must not take it for a whole answer.
-            terminal = Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete")
-        with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
-            while True:
-                try:
-                    await self.hub.store.finish(self.meta, terminal)
-                    break
-                except Exception:
-                    await anyio.sleep(0.2)
-            if self.meta.room is not None:
-                await self._publish_room(RoomEnd(self.meta.id, terminal))
-            return
-        # Followers elsewhere end when the stream's metadata expires (GATEWAY_RESUME_TTL_S).
-        logger.error("stream=%s could not store its terminal frame", self.meta.id)
 
     async def _publish_room(self, *events: RoomEvent) -> None:
         assert self.meta.room is not None

@@ -225,22 +225,22 @@ class Outbox:
         writer task for every token. Tokens that follow each other closely (within
         ``DIRECT_WRITE_GAP_S``) go to the writer instead, which merges whatever waits into
         one frame: at full speed only the first token of a burst is written directly.
+        Frames that are not deltas (a stream's start and end) have nothing to merge with and
+        go straight out whenever that keeps the order, which saves starting the writer for
+        the end frame that follows a stream's last token.
         Order holds because a direct write happens only while nothing is queued, nothing
         waits in the overflow and the writer is not writing."""
         transport = self.transport
         if transport is None or self._overflow or not self._writer_quiet() or self.owner.closing:
             return False
-        # The loop's clock, not anyio's: this runs once per paced token.
-        now = asyncio.get_running_loop().time()
-        if now - self._last_direct_write < DIRECT_WRITE_GAP_S:
-            return False
-        self._last_direct_write = now
-        if type(item) is Token:
-            text = encode_token(item.stream.id_json, item.seq, item.text)
-            tokens = 1
-        else:
-            text = encode_item(item)
-            tokens = 1 if isinstance(item, DELTA_TYPES) else 0
+        tokens = 1 if type(item) is Token or isinstance(item, DELTA_TYPES) else 0
+        if tokens:
+            # The loop's clock, not anyio's: this runs once per paced token.
+            now = asyncio.get_running_loop().time()
+            if now - self._last_direct_write < DIRECT_WRITE_GAP_S:
+                return False
+            self._last_direct_write = now
+        text = encode_token(item.stream.id_json, item.seq, item.text) if type(item) is Token else encode_item(item)
         if not transport.send_texts([text]):
             return False
         self._sent_frames += 1

@@ -26,9 +26,10 @@ from gateway.backends import TextPart as TextInput
 from gateway.cluster.base import StreamMeta, TokenBatch
 from gateway.cluster.control import Cancel, FollowNotice
 from gateway.core.state import ConnectionState
-from gateway.generation import Follow, Generation, follow_notice_interval
+from gateway.generation import Follow, Generation
 from gateway.hub import Hub, publish_or_unavailable
 from gateway.outbox import Outbox
+from gateway.store_writer import follow_notice_interval
 from gateway.wire.coalesce import End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import BadRequest, GatewayError, RetryLater

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "gateway.wire", "gateway.metrics", "gateway.logs"),
     ("gateway.core", "gateway.supervise"),
     ("gateway.backends", "gateway.auth", "gateway.cluster"),
-    ("gateway.outbox", "gateway.generation", "gateway.hub", "gateway.streams", "gateway.rooms",
+    ("gateway.outbox", "gateway.generation", "gateway.store_writer", "gateway.hub", "gateway.streams", "gateway.rooms",
      "gateway.connection", "gateway.endpoints", "gateway.runtime", "gateway.http"),
     ("gateway.transport",),
     ("gateway.app", "gateway.serve", "gateway.cli", "gateway.__main__", "gateway.client", "gateway"),

@@ -64,6 +64,10 @@ class StreamStore(Protocol):
     # reader of the store follows (a resume on another process): how far such a reader
     # may lag behind the live stream.
     flush_interval_s: float
+    # A write completes without I/O and no other process reads this store: a producing
+    # generation then writes its batches itself, between tokens, instead of through a
+    # flusher task of its own.
+    writes_in_process: bool
     # Streams dropped before their TTL to stay within a memory budget (0 for a store
     # without one).
     evicted: int

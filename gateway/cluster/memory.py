@@ -95,6 +95,7 @@ class MemoryStreamStore:
     # which saves the flusher's wake-ups (a tenth of the CPU at 1,000 paced streams); the
     # tail and the terminal are still written as soon as production ends.
     flush_interval_s = 1.0
+    writes_in_process = True
 
     def __init__(self, settings: Settings) -> None:
         self.ttl_s = settings.resume_ttl_s

@@ -26,10 +26,11 @@ from starlette.middleware.cors import CORSMiddleware
 from gateway.auth import Principal
 from gateway.cluster.base import StreamMeta, TokenBatch
 from gateway.cluster.control import Cancel, FollowNotice
-from gateway.generation import Follow, Generation, follow_notice_interval
+from gateway.generation import Follow, Generation
 from gateway.http.items import ItemSource, collect, sse_events
 from gateway.http.sink import EventStream, ResponseSink
 from gateway.hub import Hub, publish_or_unavailable
+from gateway.store_writer import follow_notice_interval
 from gateway.streams import create_generation, generation_request, new_stream_id
 from gateway.wire.coalesce import DELTA_TYPES, End, OutItem, Start, StreamRef, Token, delta_item, delta_runs
 from gateway.wire.codes import ErrorCode

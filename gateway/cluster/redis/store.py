@@ -60,6 +60,7 @@ class RedisStreamStore:
     name = "redis"
     # Redis keeps its own memory (maxmemory and an eviction policy of its own).
     evicted = 0
+    writes_in_process = False
 
     def __init__(self, settings: Settings, context: RedisContext) -> None:
         self.ctx = context
