@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.backends.synthetic import synthetic_tokens
+from gateway.cluster.memory import RECORD_BYTES
 from tests.conftest import Serve
 from tests.support import (
     SECRET,
@@ -348,6 +349,26 @@ async def test_twenty_seconds_of_churn_leave_no_descriptor_or_task_behind() -> N
     assert made > 200
     assert after["process_open_fds"] <= baseline["process_open_fds"]
     assert after["gateway_event_loop_tasks"] <= baseline["gateway_event_loop_tasks"]
+
+
+async def test_a_running_generation_is_charged_to_the_memory_budget_while_it_streams(serve: Serve) -> None:
+    # The memory store has no flusher task: the producer writes between two tokens once a
+    # write interval (1 s) has passed. So a generation counts against the budget while it
+    # runs, never holds a token it has not sent, and is whole in the store at its end.
+    server = serve(backend="synthetic", synthetic_tokens_per_s=200, synthetic_ttft_ms=0)
+    store = server.hub.store
+    assert store.writes_in_process
+    async with connected(server, mint("ann")) as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "g", "prompt": "budget", "max_tokens": 400}))
+        # 250 tokens at 200 a second: more than one write interval since the first.
+        frames = await recv_until(ws, lambda f: f.get("type") == "token" and f["seq"] >= 250)
+        assert store.used_bytes > RECORD_BYTES
+        frames += await recv_until(ws, terminal_for("g"))
+        assert frames[-1]["type"] == "done"
+    async with connected(server, mint("ann")) as ws:
+        await ws.send(json.dumps({"type": "resume", "id": "g", "after": -1}))
+        replayed = await recv_until(ws, terminal_for("g"))
+    assert stream_text(replayed, "g") == stream_text(frames, "g") == "".join(synthetic_tokens("budget", 400))
 
 
 @pytest.mark.slow
