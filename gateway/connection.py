@@ -230,6 +230,14 @@ class Connection:
                 await self._close_socket()
                 if self._rooms is not None:
                     await self._rooms.leave_all()
+            # The outbox, the streams and the rooms each point back at this connection,
+            # and nothing calls into them once it has served. Letting go here means
+            # reference counting frees the whole connection now, not the next full
+            # collection (once a minute): a burst of connections would hold its memory
+            # that long and leave the heap fragmented.
+            self.outbox.release()
+            self.streams.host = None  # type: ignore[assignment]
+            self._rooms = None
 
     def shut_down(self) -> None:
         """Called by the hub's drain: end remaining generations with ``shutting_down``, 1001."""

@@ -118,7 +118,7 @@ class Generation:
         # The follower the producer is waiting on for room (backpressure), if any.
         self._waiting_on: Follow | None = None
         # Batches the deltas into the stream store (see gateway/store_writer.py).
-        self.writer = StoreWriter(self, hub.store, hub.settings, self._publish_room)
+        self.writer = StoreWriter(meta, hub.store, hub.settings)
         self._ended = False
 
     @property
@@ -201,10 +201,10 @@ class Generation:
             if self.writer.inline:
                 outcome = await self._produce_and_deliver()
                 # What is left, then the terminal: the flusher's last round, run here.
-                await self.writer.run()
+                await self.writer.run(self)
             else:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.writer.run)
+                    tg.start_soon(self.writer.run, self)
                     outcome = await self._produce_and_deliver()
                     # Leaving the task group waits for the flusher to store the rest.
         finally:
@@ -215,7 +215,7 @@ class Generation:
     async def _produce_and_deliver(self) -> str:
         try:
             if self.meta.room is not None:
-                await self._publish_room(RoomStart(self.meta.id, self.meta.epoch))
+                await self.publish_room(RoomStart(self.meta.id, self.meta.epoch))
             terminal, outcome = await self._produce()
             # Set before the flusher can run again: it stores the terminal last.
             self.terminal = terminal
@@ -286,7 +286,7 @@ class Generation:
                             hub.metrics.ttft.labels(self.transport).observe(anyio.current_time() - self.accepted_at)
                         if writes_inline:
                             if loop.time() >= writer.next_inline_write:
-                                await writer.write_between_tokens()
+                                await writer.write_between_tokens(self)
                         elif writer.stored == count and not writer.lingering:
                             writer.wake()
                         self.tokens.append(text)
@@ -379,7 +379,7 @@ class Generation:
             follow.ended.set()
         self.follows.clear()
 
-    async def _publish_room(self, *events: RoomEvent) -> None:
+    async def publish_room(self, *events: RoomEvent) -> None:
         assert self.meta.room is not None
         try:
             await self.hub.publish(RoomEvents(self.meta.room, events))

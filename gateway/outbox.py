@@ -170,6 +170,32 @@ class OutboxOwner(Protocol):
     def follow_ended(self, follow: Any) -> None: ...
 
 
+class _Released:
+    """The owner of an outbox whose connection has ended: closed to everything."""
+
+    closing = True
+    running = False
+    following = False
+
+    def start_task(self, func: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        return False
+
+    def slow_consumer_clock_started(self) -> None:
+        return None
+
+    def slow_consumer(self) -> None:
+        return None
+
+    def socket_gone(self) -> None:
+        return None
+
+    def follow_ended(self, follow: Any) -> None:
+        return None
+
+
+RELEASED: OutboxOwner = _Released()
+
+
 class Outbox:
     """What one idle connection holds here is small on purpose: an empty list, and no task
     (the writer runs only while there is something to write or a generation to follow)."""
@@ -369,6 +395,12 @@ class Outbox:
         self.report_sent()
         self.queue.close()
         self._drop_overflow()
+
+    def release(self) -> None:
+        """The connection has ended: let go of it. The two point at each other, and
+        without this only a full collection would free them; whatever still reaches this
+        outbox (a generation finishing its last delivery) finds it closed."""
+        self.owner = RELEASED
 
     def nudge(self) -> None:
         """A waiting writer with nothing left to follow may stop."""

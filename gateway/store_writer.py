@@ -1,13 +1,16 @@
 """How a generation's deltas reach the stream store: in batches, and the terminal last.
 
 A ``StoreWriter`` belongs to one ``Generation`` and reads what it produced (its ``tokens``,
-``kinds`` and ``terminal``). Room generations write each batch as soon as it is there and
-publish it to the room, since members read it live. Other generations write at most once
-per interval, counted from the start of the previous write: the store's
-``flush_interval_s`` while a follower on another process reads the stream (it announces
-itself with a ``FollowNotice``, and the notice also triggers a write at once), else
-``GATEWAY_STORE_CHECKPOINT_INTERVAL_S``. So a paced stream costs the store and the event
-loop one write per interval, not one per token.
+``kinds`` and ``terminal``), which each call is given: the writer keeps no reference to
+the generation, so the two form no reference cycle, and a finished generation (with its
+text) is freed at once instead of at the next full collection.
+
+Room generations write each batch as soon as it is there and publish it to the room,
+since members read it live. Other generations write at most once per interval, counted
+from the start of the previous write: the store's ``flush_interval_s`` while a follower on
+another process reads the stream (it announces itself with a ``FollowNotice``, and the
+notice also triggers a write at once), else ``GATEWAY_STORE_CHECKPOINT_INTERVAL_S``. So a
+paced stream costs the store and the event loop one write per interval, not one per token.
 
 Who writes: with a store that does I/O (Redis), the generation's flusher task
 (``StoreWriter.run``). With a store that writes in process (memory) and no room, there is
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -54,15 +56,15 @@ class Produced(Protocol):
     kinds: list[DeltaKind] | None
     terminal: Terminal | None
 
+    async def publish_room(self, *events: RoomEvent) -> None: ...
+
 
 class StoreWriter:
-    def __init__(self, produced: Produced, store: StreamStore, settings: Settings,
-                 publish_room: Callable[..., Awaitable[None]]) -> None:
-        self.produced = produced
+    def __init__(self, meta: StreamMeta, store: StreamStore, settings: Settings) -> None:
+        self.meta = meta
         self.store = store
         self.settings = settings
-        self.publish_room = publish_room
-        self.in_room = produced.meta.room is not None
+        self.in_room = meta.room is not None
         self.inline = store.writes_in_process and not self.in_room
         # Deltas before this index are in the store.
         self.stored = 0
@@ -108,40 +110,37 @@ class StoreWriter:
             return store.flush_interval_s
         return max(store.flush_interval_s, self.settings.store_checkpoint_interval_s)
 
-    def pending_batch(self) -> TokenBatch:
+    def pending_batch(self, produced: Produced) -> TokenBatch:
         """The deltas not yet stored, with their kinds when some are not answer text."""
         first = self.stored
-        produced = self.produced
         kinds = produced.kinds
         return TokenBatch(first, tuple(produced.tokens[first:]),
                           tuple(kinds[first:]) if kinds is not None else None)
 
-    async def write_between_tokens(self) -> None:
+    async def write_between_tokens(self, produced: Produced) -> None:
         """The producer's own write, for a store that writes in process: the deltas so far
         that are not stored. The producer appends the next delta after this, so a batch
         never holds a delta the followers have not been given."""
         self.next_inline_write = asyncio.get_running_loop().time() + self.write_interval()
-        if self.stored == len(self.produced.tokens):
+        if self.stored == len(produced.tokens):
             return
-        batch = self.pending_batch()
+        batch = self.pending_batch(produced)
         try:
-            await self.store.write(self.produced.meta, batch)
+            await self.store.write(self.meta, batch)
         except Exception:
             # Left for ``run`` after production, which retries and gives up in the open.
-            logger.warning("stream=%s: a store write failed; it is retried when production ends",
-                           self.produced.meta.id)
+            logger.warning("stream=%s: a store write failed; it is retried when production ends", self.meta.id)
             return
         self.stored += len(batch.texts)
 
-    async def run(self) -> None:
+    async def run(self, produced: Produced) -> None:
         """Write pending deltas to the store (and the room) one batch at a time; the next
         batch is whatever accumulated while the previous write was in flight, and during
         ``write_interval`` after it started while the generation is producing. While no
         delta comes, the stream's TTL is refreshed so a slow generation stays resumable.
         Returns once the terminal is stored."""
         store = self.store
-        produced = self.produced
-        meta = produced.meta
+        meta = self.meta
         touch_every = max(self.settings.resume_ttl_s / 3, 1.0)
         last_write = anyio.current_time()
         ended_at: float | None = None
@@ -157,7 +156,7 @@ class StoreWriter:
                         await store.touch(meta)
                     last_write = anyio.current_time()
                 continue
-            batch = self.pending_batch()
+            batch = self.pending_batch(produced)
             started = anyio.current_time()
             try:
                 if self.producing:
@@ -177,7 +176,7 @@ class StoreWriter:
             last_write = anyio.current_time()
             self.stored += len(batch.texts)
             if self.in_room:
-                await self.publish_room(*(RoomTokens(meta.id, last_seq, text, kind) for last_seq, text, kind
+                await produced.publish_room(*(RoomTokens(meta.id, last_seq, text, kind) for last_seq, text, kind
                                           in delta_runs(batch.first_seq, batch.texts, batch.kinds)))
                 continue
             linger = started + self.write_interval() - anyio.current_time()
@@ -187,10 +186,9 @@ class StoreWriter:
                     await self._wait(linger)
                 finally:
                     self.lingering = False
-        await self._store_terminal(lost)
+        await self._store_terminal(produced, lost)
 
-    async def _store_terminal(self, lost: bool) -> None:
-        produced = self.produced
+    async def _store_terminal(self, produced: Produced, lost: bool) -> None:
         terminal = produced.terminal
         if terminal is None:  # the hub itself was cancelled: nothing to store
             return
@@ -200,13 +198,13 @@ class StoreWriter:
         with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
             while True:
                 try:
-                    await self.store.finish(produced.meta, terminal)
+                    await self.store.finish(self.meta, terminal)
                     break
                 except Exception:
                     await anyio.sleep(0.2)
             if self.in_room:
-                end: RoomEvent = RoomEnd(produced.meta.id, terminal)
-                await self.publish_room(end)
+                end: RoomEvent = RoomEnd(self.meta.id, terminal)
+                await produced.publish_room(end)
             return
         # Followers elsewhere end when the stream's metadata expires (GATEWAY_RESUME_TTL_S).
-        logger.error("stream=%s could not store its terminal frame", produced.meta.id)
+        logger.error("stream=%s could not store its terminal frame", self.meta.id)

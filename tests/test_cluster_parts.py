@@ -341,6 +341,33 @@ async def test_the_memory_store_keeps_to_its_budget_evicting_the_oldest_finished
     assert kept == [f"s{i}" for i in range(20 - len(kept), 20)]
 
 
+async def test_a_finished_stream_is_packed_and_counts_what_it_keeps() -> None:
+    # Kept for the TTL as one string and the end of each token, not thousands of small
+    # strings; every token reads back exactly, whatever its characters, from any position.
+    import sys
+
+    from gateway.cluster.memory import PACKED_TOKEN_BYTES, RECORD_BYTES, MemoryStreamStore
+
+    store = MemoryStreamStore(settings_for())
+    tokens = tuple(["Hé", "llo", " 🙂", "", "wörld", "!"] * 300)
+    kinds: tuple[DeltaKind, ...] = tuple([TEXT, REASONING] * 900)
+    meta = StreamMeta(user="u1", id="p", epoch="e", node="local", created_at=time.time())
+    assert await store.create(meta)
+    await store.write(meta, TokenBatch(0, tokens[:1000], kinds[:1000]))
+    await store.write(meta, TokenBatch(1000, tokens[1000:], kinds[1000:]))
+    running = store.used_bytes
+    await store.finish(meta, Done("stop"))
+    kinds_cost = 8 * len(kinds)
+    assert store.used_bytes == RECORD_BYTES + sys.getsizeof("".join(tokens)) + PACKED_TOKEN_BYTES * len(tokens) \
+        + kinds_cost < running
+    for after in (-1, 0, 2, 1234, len(tokens) - 2, len(tokens) - 1):
+        events = await collect(store.follow(meta, after))
+        batches = [e for e in events if isinstance(e, TokenBatch)]
+        assert tuple(t for b in batches for t in b.texts) == tokens[after + 1:]
+        assert tuple(k for b in batches for k in (b.kinds or ())) == kinds[after + 1:]
+        assert events[-1] == Done("stop")
+
+
 async def test_when_running_streams_fill_the_memory_budget_new_ones_are_refused() -> None:
     from gateway.cluster.memory import MemoryStreamStore
 

@@ -7,9 +7,11 @@ server refuses ``--workers`` > 1 with this cluster).
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -73,12 +75,28 @@ KIND_BYTES = 8
 TOOL_CALL_BYTES = 128
 # What a stream costs before its first token.
 RECORD_BYTES = 512
+# What a finished stream's token costs beyond its text: its end offset.
+PACKED_TOKEN_BYTES = 8
+
+
+def kinds_cost(kinds: Sequence[DeltaKind]) -> int:
+    """What keeping these kinds costs (see KIND_BYTES)."""
+    return KIND_BYTES * len(kinds) + sum(
+        TOOL_CALL_BYTES + len(k.call_id or "") + len(k.name or "")
+        for k in kinds if isinstance(k, ToolCallDelta) and (k.call_id or k.name))
 
 
 @dataclass(eq=False)
 class _Record:
+    """One stream. While it runs its tokens are a list of strings; once finished they are
+    packed into one string and the end offset of each token. A finished stream is kept for
+    the resume TTL, and thousands of them as millions of small strings would cost several
+    times their text and, freed, leave the heap too fragmented to give back to the system."""
+
     meta: StreamMeta
     tokens: list[str] = field(default_factory=list)
+    packed: str = ""
+    ends: array[int] | None = None
     # Each token's kind, from the first batch with one that is not text; None until then.
     kinds: list[DeltaKind] | None = None
     charged: int = RECORD_BYTES  # what this stream counts in the store's budget
@@ -86,6 +104,35 @@ class _Record:
     expires_at: float = float("inf")  # monotonic; set when the stream finishes
     # Created by the first follower that waits, so a write nobody waits for costs no event.
     changed: anyio.Event | None = None
+
+    def count(self) -> int:
+        return len(self.ends) if self.ends is not None else len(self.tokens)
+
+    def texts(self, start: int, end: int) -> tuple[str, ...]:
+        ends = self.ends
+        if ends is None:
+            return tuple(self.tokens[start:end])
+        packed = self.packed
+        offset = ends[start - 1] if start > 0 else 0
+        taken = []
+        for index in range(start, end):
+            stop = ends[index]
+            taken.append(packed[offset:stop])
+            offset = stop
+        return tuple(taken)
+
+    def pack(self) -> int:
+        """Pack the finished stream's tokens; what its texts and offsets cost now."""
+        tokens = self.tokens
+        ends: array[int] = array("Q")
+        total = 0
+        for text in tokens:
+            total += len(text)
+            ends.append(total)
+        self.packed = "".join(tokens)
+        self.ends = ends
+        self.tokens = []
+        return sys.getsizeof(self.packed) + PACKED_TOKEN_BYTES * len(ends)
 
 
 class MemoryStreamStore:
@@ -194,9 +241,7 @@ class MemoryStreamStore:
         if kinds is not None:
             added: tuple[DeltaKind, ...] = batch.kinds[:room] if batch.kinds is not None else (TEXT,) * len(texts)
             kinds.extend(added)
-            cost += KIND_BYTES * len(added) + sum(
-                TOOL_CALL_BYTES + len(k.call_id or "") + len(k.name or "")
-                for k in added if isinstance(k, ToolCallDelta) and (k.call_id or k.name))
+            cost += kinds_cost(added)
         record.tokens.extend(texts)
         cost *= 2
         record.charged += cost
@@ -212,10 +257,11 @@ class MemoryStreamStore:
             return
         record.terminal = terminal
         record.expires_at = time.monotonic() + self.ttl_s
-        # The generation's own copy of the tokens is gone with it: one copy counts now.
-        released = (record.charged - RECORD_BYTES) // 2
-        record.charged -= released
-        self.used_bytes -= released
+        # The generation's own copy of the tokens is gone with it, and this one is packed:
+        # what counts now is the packed texts (and the kinds).
+        charged = RECORD_BYTES + record.pack() + (kinds_cost(record.kinds) if record.kinds is not None else 0)
+        self.used_bytes += charged - record.charged
+        record.charged = charged
         self._expiry.append((record.expires_at, (meta.user, meta.id), record))
         self._notify(record)
         if self.used_bytes > self.max_bytes:
@@ -227,10 +273,10 @@ class MemoryStreamStore:
             return
         position = max(after + 1, 0)
         while True:
-            if position < len(record.tokens):
-                end = len(record.tokens)
+            end = record.count()
+            if position < end:
                 kinds = record.kinds
-                yield TokenBatch(position, tuple(record.tokens[position:end]),
+                yield TokenBatch(position, record.texts(position, end),
                                  tuple(kinds[position:end]) if kinds is not None else None)
                 position = end
                 continue

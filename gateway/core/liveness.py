@@ -130,7 +130,13 @@ class Deadlines(Generic[K]):
         return self._heap[0][2] is key and self._heap[0][0] == when
 
     def remove(self, key: K) -> None:
-        self._due.pop(key, None)
+        """Unschedule ``key``. Its entries leave the heap when they surface or, once
+        superseded entries outnumber the scheduled keys, at once: an entry holds its key,
+        and a connection that ended must not be kept alive until its old deadline."""
+        if self._due.pop(key, None) is not None and len(self._heap) > 2 * len(self._due):
+            due = self._due
+            self._heap = [entry for entry in self._heap if due.get(entry[2]) == entry[0]]
+            heapq.heapify(self._heap)
 
     def next_at(self) -> float:
         heap = self._heap

@@ -20,6 +20,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
@@ -73,6 +74,19 @@ class TransportControl:
         """Queue a close frame without waiting for the send buffer, then close the socket;
         abort it if the peer has not taken the buffered bytes within ``ABORT_GRACE_S``."""
         self._protocol.force_close(code, reason)
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, letting go of its parser once a WebSocket upgrade has
+    handed the socket over. The parser holds the protocol's callbacks, and uvicorn breaks
+    that reference cycle only in ``connection_lost``, which after an upgrade goes to the
+    WebSocket protocol instead: left alone, every WebSocket would leave this object (and
+    the socket it references) to the next full collection, which the gateway runs once a
+    minute, so a burst of connections would raise the process's memory for that long."""
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        self.parser = None  # type: ignore[assignment]
 
 
 class GatewayConfig(uvicorn.Config):
@@ -176,6 +190,7 @@ def uvicorn_config(
     options: dict[str, Any] = {
         "host": host if host is not None else settings.host,
         "port": port if port is not None else settings.port,
+        "http": GatewayHttpProtocol,
         "ws": GatewayWebSocketProtocol,
         "ws_max_size": settings.max_message_bytes,
         "ws_ping_interval": settings.ws_ping_interval_s or None,
