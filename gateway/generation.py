@@ -283,7 +283,7 @@ class Generation:
                         else:  # a kind of chunk this gateway does not know
                             continue  # type: ignore[unreachable]
                         if count == 0:
-                            hub.metrics.ttft.labels(self.transport).observe(anyio.current_time() - self.accepted_at)
+                            hub.metrics.ttft.labels(self.transport).observe(loop.time() - self.accepted_at)
                         if writes_inline:
                             if loop.time() >= writer.next_inline_write:
                                 await writer.write_between_tokens(self)
@@ -373,8 +373,11 @@ class Generation:
     async def _deliver_terminal(self, terminal: Terminal) -> None:
         item = End(self.ref, terminal)
         for follow in tuple(self.follows):
-            with anyio.move_on_after(self.hub.settings.slow_consumer_timeout_s, shield=True):
-                await follow.deliver(item)
+            # Written at once when the follower is caught up; otherwise queued, waiting at
+            # most the slow-consumer timeout for room.
+            if not (follow.live and follow.sink.send_now(item)):
+                with anyio.move_on_after(self.hub.settings.slow_consumer_timeout_s, shield=True):
+                    await follow.deliver(item)
             follow.sink.follow_ended(follow)
             follow.ended.set()
         self.follows.clear()

@@ -48,6 +48,12 @@ def follow_notice_interval(settings: Settings) -> float:
     return max(settings.resume_grace_s * FOLLOW_NOTICE_FRACTION, 0.5)
 
 
+def _now() -> float:
+    # The event loop's clock, which anyio's current_time() also reads, without anyio's
+    # lookup of the running async library: a generation reads it several times.
+    return asyncio.get_running_loop().time()
+
+
 class Produced(Protocol):
     """What the writer reads of its generation."""
 
@@ -99,14 +105,14 @@ class StoreWriter:
     def followed_elsewhere(self) -> None:
         """A process following this generation through the store said so: write what is
         pending now, and keep writing at the store's pace while such notices come."""
-        self.last_remote_follow = anyio.current_time()
+        self.last_remote_follow = _now()
         if self.lingering:
             self.wake()
 
     def write_interval(self) -> float:
         """How long after the start of one write the next may start."""
         store = self.store
-        if anyio.current_time() - self.last_remote_follow <= follow_notice_interval(self.settings) * 2.5:
+        if _now() - self.last_remote_follow <= follow_notice_interval(self.settings) * 2.5:
             return store.flush_interval_s
         return max(store.flush_interval_s, self.settings.store_checkpoint_interval_s)
 
@@ -142,44 +148,44 @@ class StoreWriter:
         store = self.store
         meta = self.meta
         touch_every = max(self.settings.resume_ttl_s / 3, 1.0)
-        last_write = anyio.current_time()
+        last_write = _now()
         ended_at: float | None = None
         lost = False
         while True:
             if self.stored == len(produced.tokens):
                 if not self.producing:
                     break
-                await self._wait(max(last_write + touch_every - anyio.current_time(), 0.0))
+                await self._wait(max(last_write + touch_every - _now(), 0.0))
                 if (self.stored == len(produced.tokens) and self.producing
-                        and anyio.current_time() - last_write >= touch_every):
+                        and _now() - last_write >= touch_every):
                     with contextlib.suppress(Exception):
                         await store.touch(meta)
-                    last_write = anyio.current_time()
+                    last_write = _now()
                 continue
             batch = self.pending_batch(produced)
-            started = anyio.current_time()
+            started = _now()
             try:
-                if self.producing:
+                if self.producing or self.inline:  # an in-process write cannot be interrupted
                     await store.write(meta, batch)
                 else:
                     with anyio.CancelScope(shield=True):
                         await store.write(meta, batch)
             except Exception:
                 if not self.producing:
-                    ended_at = ended_at if ended_at is not None else anyio.current_time()
-                    if anyio.current_time() - ended_at > FLUSH_GIVE_UP_S:
+                    ended_at = ended_at if ended_at is not None else _now()
+                    if _now() - ended_at > FLUSH_GIVE_UP_S:
                         logger.error("stream=%s could not store %d token(s); giving up", meta.id, len(batch.texts))
                         lost = True
                         break
                 await anyio.sleep(0.2)
                 continue
-            last_write = anyio.current_time()
+            last_write = _now()
             self.stored += len(batch.texts)
             if self.in_room:
                 await produced.publish_room(*(RoomTokens(meta.id, last_seq, text, kind) for last_seq, text, kind
                                           in delta_runs(batch.first_seq, batch.texts, batch.kinds)))
                 continue
-            linger = started + self.write_interval() - anyio.current_time()
+            linger = started + self.write_interval() - _now()
             if linger > 0 and self.producing:
                 self.lingering = True
                 try:
@@ -195,6 +201,13 @@ class StoreWriter:
         if lost:
             # The stored stream lacks its tail: a resumer must not take it for a whole answer.
             terminal = Failed(ErrorCode.BACKEND_ERROR, "stored tokens were lost; the answer is incomplete")
+        if self.inline:
+            # In process: nothing to wait for, and nothing that a retry would change.
+            try:
+                await self.store.finish(self.meta, terminal)
+            except Exception:
+                logger.exception("stream=%s could not store its terminal frame", self.meta.id)
+            return
         with anyio.move_on_after(FLUSH_GIVE_UP_S, shield=True):
             while True:
                 try:
