@@ -351,6 +351,7 @@ async def test_twenty_seconds_of_churn_leave_no_descriptor_or_task_behind() -> N
     assert after["gateway_event_loop_tasks"] <= baseline["gateway_event_loop_tasks"]
 
 
+@pytest.mark.slow
 async def test_a_running_generation_is_charged_to_the_memory_budget_while_it_streams(serve: Serve) -> None:
     # The memory store has no flusher task: the producer writes between two tokens once a
     # write interval (1 s) has passed. So a generation counts against the budget while it
