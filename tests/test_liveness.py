@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from gateway.core.liveness import Deadlines, Due, Liveness, TokenBucket
 
 
@@ -109,3 +111,29 @@ def test_deadlines_removed_key_is_not_due() -> None:
     deadlines.remove("a")
     assert deadlines.next_at() == 2.0
     assert deadlines.pop_due(5.0) == ["b"]
+
+
+def test_deadlines_let_go_of_removed_keys() -> None:
+    # A heap entry holds its key: the entries of removed keys (connections that ended) do
+    # not pile up until their old deadlines come round. At most as many as there are
+    # scheduled keys stay; with none scheduled, none.
+    class Key:
+        pass
+
+    deadlines: Deadlines[Key] = Deadlines()
+    keys = [Key() for _ in range(1000)]
+    for index, key in enumerate(keys):
+        deadlines.schedule(key, 100.0 + index)
+        deadlines.schedule(key, 50.0 + index)  # moved earlier: a second entry
+    kept = keys[-3:]
+    gone = [weakref.ref(key) for key in keys[:-3]]
+    for key in keys[:-3]:
+        deadlines.remove(key)
+    del keys, key
+    assert sum(ref() is not None for ref in gone) <= len(kept)
+    for key in kept:
+        deadlines.remove(key)
+    last = [weakref.ref(key) for key in kept]
+    del kept, key
+    assert all(ref() is None for ref in gone + last)
+    assert deadlines.next_at() == float("inf")
