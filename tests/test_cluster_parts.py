@@ -1,11 +1,13 @@
 """One conformance suite for every implementation of the cluster parts: the stream
-store, the limit store and the backplane, memory:// and redis://, built by URL scheme."""
+store, the limit store and the backplane, memory:// and redis://, built by URL scheme; the
+Redis parts on a single Redis and on a Redis Cluster of three primaries."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -40,9 +42,15 @@ def settings_for(**overrides: Any) -> Settings:
     return make_settings(**values)
 
 
-async def make_parts(kind: str, settings: Settings) -> tuple[StreamStore, LimitStore, Any]:
+# Every kind: memory, single Redis, and Redis Cluster.
+KINDS = ["memory", "redis", "redis-cluster"]
+REDIS_KINDS = ["redis", "redis-cluster"]
+
+
+async def make_parts(kind: str, settings: Settings, request: pytest.FixtureRequest | None = None,
+                     ) -> tuple[StreamStore, LimitStore, Any]:
     """The parts of a started cluster of ``kind``; the third item is the cluster, to close."""
-    cluster = await start_cluster(kind, settings)
+    cluster = await start_cluster(kind, settings, request)
     return cluster.store, cluster.limits, cluster
 
 
@@ -78,19 +86,26 @@ class Started:
         await self.cluster.aclose()
 
 
-async def start_cluster(kind: str, settings: Settings) -> Any:
+async def start_cluster(kind: str, settings: Settings, request: pytest.FixtureRequest | None = None) -> Any:
+    """A started cluster of ``kind``; ``redis-cluster`` needs the test's ``request`` (for the
+    session's Redis Cluster)."""
+    update: dict[str, Any] = {"cluster_url": "memory://"}
     if kind == "redis":
         require_redis()
-    url = {"memory": "memory://", "redis": TEST_REDIS_URL}[kind]
-    started = Started(build_cluster(settings.model_copy(update={"cluster_url": url})))
+        update["cluster_url"] = TEST_REDIS_URL
+    elif kind == "redis-cluster":
+        assert request is not None, "a Redis Cluster test passes its request"
+        update.update(cluster_url=request.getfixturevalue("redis_cluster_url"), redis_cluster=True)
+    started = Started(build_cluster(settings.model_copy(update=update)))
     await started.cluster.start(started.spawn)
     return started
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=KINDS)
 async def parts(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StreamStore, LimitStore, Any]]:
     store, limits, context = await make_parts(request.param, settings_for(
-        max_streams_per_user=2, max_connections_per_user=2, user_generate_rate_per_s=1, user_generate_burst=3))
+        max_streams_per_user=2, max_connections_per_user=2, user_generate_rate_per_s=1, user_generate_burst=3),
+        request)
     try:
         yield store, limits, context
     finally:
@@ -209,9 +224,9 @@ async def test_resumable_lists_the_users_streams(parts: Any) -> None:
 
 
 @pytest.mark.slow
-async def test_streams_expire_after_the_ttl_from_the_last_write() -> None:
-    for kind in ("memory", "redis"):
-        store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1))
+async def test_streams_expire_after_the_ttl_from_the_last_write(request: pytest.FixtureRequest) -> None:
+    for kind in KINDS:
+        store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1), request)
         try:
             meta = meta_for((store, None, context))
             await store.create(meta)
@@ -254,27 +269,49 @@ async def test_generation_concurrency_and_rate(parts: Any) -> None:
     assert 0 < float(str(rate.value.extra["retry_after_s"])) <= 1.0
 
 
-async def test_redis_slots_of_a_dead_process_come_back() -> None:
-    require_redis()
-    settings = settings_for(max_connections_per_user=1, node_ttl_s=1)
-    _, limits_a, context_a = await make_parts("redis", settings)
-    _, limits_b, context_b = await make_parts("redis", settings)
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_slots_of_a_dead_process_come_back(kind: str, request: pytest.FixtureRequest) -> None:
+    settings = settings_for(max_connections_per_user=1, node_ttl_s=0.3)
+    _, limits_a, context_a = await make_parts(kind, settings, request)
+    _, limits_b, context_b = await make_parts(kind, settings, request)
     try:
         assert await limits_a.add_connection("u1") is not None
         assert await limits_b.add_connection("u1") is None  # held by process A
-        # Process A dies: its liveness key expires and nobody releases its slot.
-        await context_a.context.client.delete(context_a.context.node_key)
-        assert await limits_b.add_connection("u1") is not None
+        # While A lives, it keeps its count alive past the node TTL.
+        await anyio.sleep(0.6)
+        assert await limits_b.add_connection("u1") is None
+        # Process A dies: nobody keeps its count alive, and nobody releases its slot.
+        await context_a.aclose()
+        with anyio.fail_after(5):
+            while await limits_b.add_connection("u1") is None:
+                await anyio.sleep(0.05)
     finally:
         await context_a.aclose()
         await context_b.aclose()
 
 
+async def test_a_user_name_cannot_break_out_of_its_hash_tag() -> None:
+    from gateway.cluster.redis.context import RedisContext, slot_of
+
+    context = RedisContext(settings_for(), "redis://127.0.0.1:1/0")
+    try:
+        for user in ("alice", "a}b", "{x}", "}{", "", "a:b", "{"):
+            keys = [context.user_key(user, "m", "r1"), context.user_key(user, "s", "r1"),
+                    context.user_key(user, "u"), context.user_key(user, "c", "gen"), context.user_key(user, "rate")]
+            # Every key of a user is in one slot, the slot of the escaped user alone.
+            assert {slot_of(key) for key in keys} == {slot_of("{" + (keys[0].split("{", 1)[1].split("}", 1)[0]) + "}")}
+            assert keys[0].count("{") == 1 and keys[0].count("}") == 1
+        assert context.user_key("alice", "m", "r1").endswith("{alice}:m:r1")
+        assert context.user_key("a}b", "u") != context.user_key("a", "b}:u")
+    finally:
+        await context.client.aclose()
+
+
 @pytest.mark.slow
-async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
-    require_redis()
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_follow_ends_with_backend_error_when_the_producer_died(kind: str, request: pytest.FixtureRequest) -> None:
     settings = settings_for(node_ttl_s=0.5)
-    store, _, context = await make_parts("redis", settings)
+    store, _, context = await make_parts(kind, settings, request)
     try:
         meta = StreamMeta(user="u1", id="orphan", epoch="e", node="n-gone", created_at=time.time())
         await store.create(meta)
@@ -287,8 +324,8 @@ async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
 
 
 MESSAGES: list[ControlMessage] = [
-    Cancel("u1", "s1"),
-    FollowNotice("u1", "s1"),
+    Cancel("u1", "s1", "NODE"),
+    FollowNotice("u1", "s1", "NODE", "n-follower"),
     Broadcast({"text": "hi", "n": [1, 2]}, user=None),
     Broadcast("only you", user="u2"),
     RoomEvents("lobby", (Presence("u1", "join"),), origin="c-1"),
@@ -301,26 +338,62 @@ MESSAGES: list[ControlMessage] = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_backplane_delivers_every_message_typed_and_in_order(kind: str) -> None:
-    cluster = await start_cluster(kind, settings_for())
+def addressed_to(node: str, messages: list[ControlMessage]) -> list[ControlMessage]:
+    return [replace(m, node=node) if isinstance(m, Cancel | FollowNotice) else m for m in messages]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backplane_delivers_every_message_typed_and_in_order(kind: str, request: pytest.FixtureRequest) -> None:
+    cluster = await start_cluster(kind, settings_for(), request)
     received: list[ControlMessage] = []
     cluster.backplane.set_handler(received.append)
+    probe = Cancel("probe", "probe", cluster.node_id)
+    messages = addressed_to(cluster.node_id, MESSAGES)
     try:
+        await cluster.backplane.subscribe_room("lobby")
         # A subscription is in place once a message published after it comes back.
         with anyio.fail_after(5):
             while not received:
-                await cluster.backplane.publish(Cancel("probe", "probe"))
+                await cluster.backplane.publish(probe)
                 await anyio.sleep(0.05)
             received.clear()
-        for message in MESSAGES:
+        for message in messages:
             await cluster.backplane.publish(message)
         with anyio.fail_after(5):
-            while len([m for m in received if m != Cancel("probe", "probe")]) < len(MESSAGES):
+            while len([m for m in received if m != probe]) < len(messages):
                 await anyio.sleep(0.01)
     finally:
         await cluster.aclose()
-    assert [m for m in received if m != Cancel("probe", "probe")] == MESSAGES
+    assert [m for m in received if m != probe] == messages
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backplane_delivers_a_message_to_its_audience_only(kind: str, request: pytest.FixtureRequest) -> None:
+    """Another node's messages and the rooms it has not subscribed to never reach a
+    process; a room's messages do from its subscription until its unsubscription."""
+    cluster = await start_cluster(kind, settings_for(), request)
+    received: list[ControlMessage] = []
+    cluster.backplane.set_handler(received.append)
+    mine = Cancel("u1", "mine", cluster.node_id)
+    try:
+        await cluster.backplane.subscribe_room("in")
+        with anyio.fail_after(5):
+            while mine not in received:
+                await cluster.backplane.publish(mine)
+                await anyio.sleep(0.05)
+        received.clear()
+        await cluster.backplane.publish(Cancel("u1", "other", "n-someone-else"))
+        await cluster.backplane.publish(RoomEvents("out", (Presence("u1", "join"),)))
+        await cluster.backplane.publish(RoomEvents("in", (Presence("u1", "join"),)))
+        await cluster.backplane.unsubscribe_room("in")
+        await cluster.backplane.publish(RoomEvents("in", (Presence("u1", "leave"),)))
+        await cluster.backplane.publish(mine)  # after everything above, from the same publisher
+        with anyio.fail_after(5):
+            while mine not in received:
+                await anyio.sleep(0.01)
+    finally:
+        await cluster.aclose()
+    assert received == [RoomEvents("in", (Presence("u1", "join"),)), mine]
 
 
 async def test_the_memory_store_keeps_to_its_budget_evicting_the_oldest_finished_first() -> None:
@@ -374,8 +447,10 @@ async def test_the_rate_buckets_of_users_who_went_quiet_are_dropped() -> None:
 # The Redis store's own guarantees: one commit per interval for every stream, and one
 # tailing read for every follower, outside the command pool.
 
-async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once() -> None:
-    cluster = await start_cluster("redis", settings_for(resume_ttl_s=60))
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    cluster = await start_cluster(kind, settings_for(resume_ttl_s=60), request)
     store = cluster.store
     metas = [meta_for((None, None, cluster), stream_id=f"s{index}") for index in range(200)]
     try:
@@ -402,11 +477,13 @@ async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once(
         await cluster.aclose()
 
 
-async def test_redis_followers_tail_through_one_read_and_never_take_the_command_pool() -> None:
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_followers_tail_through_one_read_and_never_take_the_command_pool(
+        kind: str, request: pytest.FixtureRequest) -> None:
     # A pool of two connections: followers that each blocked in a read of their own would
     # starve the writes, and the writer below would never get through.
-    cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=2,
-                                                        resume_ttl_s=60))
+    cluster = await start_cluster(kind, settings_for(redis_max_connections=2, redis_pool_timeout_s=2,
+                                                     resume_ttl_s=60), request)
     store = cluster.store
     count = 300
     metas = [meta_for((None, None, cluster), stream_id=f"f{index}") for index in range(count)]
