@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
@@ -88,11 +88,21 @@ class _Permits:
             self._semaphore.release()
 
 
+# What redis-py's cluster client lets through when a node's connection broke under it: a
+# write to a transport the server closed (uvloop raises RuntimeError, where the standard
+# loop ignores the write and the read fails as a connection error), or to a connection
+# another task disconnected meanwhile (AttributeError on its writer, now None).
+_BROKEN_CONNECTION = (RuntimeError, AttributeError)
+
+
 class _WaitingPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = self.cluster_client
         assert isinstance(client, WaitingRedisCluster)
-        result: list[Any] = await client.permits.run(super().execute(raise_on_error, allow_redirections))
+        try:
+            result: list[Any] = await client.permits.run(super().execute(raise_on_error, allow_redirections))
+        except _BROKEN_CONNECTION as exc:
+            await client.broken_connection(exc)
         return result
 
 
@@ -105,7 +115,19 @@ class WaitingRedisCluster(AsyncRedisCluster):
     permits: _Permits
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.permits.run(super().execute_command(*args, **kwargs))
+        try:
+            return await self.permits.run(super().execute_command(*args, **kwargs))
+        except _BROKEN_CONNECTION as exc:
+            await self.broken_connection(exc)
+
+    async def broken_connection(self, exc: Exception) -> NoReturn:
+        """A call failed on a broken connection (a node restarted) outside redis-py's
+        connection-error handling: every node's connections are made again, as redis-py
+        does after a connection error, and the caller gets a connection error."""
+        for node in self.get_nodes():
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
+        raise RedisConnectionError("the connection was closed by the server") from exc
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
