@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -69,7 +69,7 @@ async def test_room_traffic_reaches_only_the_processes_with_members_in_the_room(
                 for ws in (first, second):
                     for room in rooms:
                         await ws.send(json.dumps({"type": "join", "room": room}))
-                        await recv_until(ws, lambda f, room=room: f["type"] == "joined" and f["room"] == room)
+                        await recv_until(ws, joined(room))
                 # A room generation: its start, tokens and end go to the room's members.
                 await first.send(json.dumps({"type": "generate", "id": "g", "room": rooms[0], "prompt": "p",
                                              "max_tokens": 50}))
@@ -88,6 +88,10 @@ async def test_room_traffic_reaches_only_the_processes_with_members_in_the_room(
                 await all_ready.wait()
                 await check_counts(servers, rooms_each)
                 checked.set()
+
+
+def joined(room: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda frame: frame["type"] == "joined" and frame["room"] == room
 
 
 async def check_counts(servers: list[ServerProcess], rooms_each: int) -> None:
