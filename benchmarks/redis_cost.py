@@ -186,6 +186,23 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
             if name != "cmdstat_config|resetstat"}
 
 
+def settle(port: int) -> None:
+    """Until the gateway has no connection and no generation left: their releases and last
+    writes reach Redis before the counters are read."""
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith(("gateway_open_connections ", "gateway_active_generations "))}
+        if not any(values.values()):
+            time.sleep(0.2)  # a release follows the count by a command's round trip
+            return
+        time.sleep(0.05)
+
+
 def measure(label: str, store_env: dict[str, str], rate: int, streams: int, tokens: int,
             clients: list[redis.Redis]) -> dict[str, Any]:
     """One load through one gateway; the Redis counters summed over ``clients`` (every
@@ -200,6 +217,7 @@ def measure(label: str, store_env: dict[str, str], rate: int, streams: int, toke
         received = asyncio.run(run_streams(port, streams, tokens))
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(proc.pid) - before_cpu
+        settle(port)
         result: dict[str, Any] = {"label": label, "tokens": received, "seconds": round(elapsed, 2),
                                   "cpu_us_per_token": round(cpu / max(received, 1) * 1e6, 2)}
         if clients:

@@ -526,6 +526,53 @@ async def test_redis_followers_tail_through_one_read_and_never_take_the_command_
         await cluster.aclose()
 
 
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_a_follower_elsewhere_is_told_of_new_entries_instead_of_waiting_for_its_poll(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """Process B follows a stream of process A: once A knows B (its follow notice), each
+    commit of A that writes the stream sends B a notice, and B reads at once, well within
+    its fallback poll."""
+    from gateway.cluster.redis.tailer import TAIL_POLL_S
+
+    settings = settings_for(resume_ttl_s=60)
+    a = await start_cluster(kind, settings, request)
+    b = await start_cluster(kind, settings, request)
+    try:
+        meta = meta_for((None, None, a))
+        await a.store.create(meta)
+        await a.store.write(meta, TokenBatch(0, ("a",)))
+        received: list[StreamEvent] = []
+
+        async def follow() -> None:
+            async for event in b.store.follow(meta, -1):
+                received.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            with anyio.fail_after(5):
+                while texts_of(received)[1] != "a":
+                    await anyio.sleep(0.01)
+                # B's follow notice reaches A (as a resume on B sends it).
+                notice = FollowNotice(meta.user, meta.id, a.node_id, b.node_id)
+                while not a.store._followers:
+                    await b.backplane.publish(notice)
+                    await anyio.sleep(0.02)
+            for index, text in enumerate("bcd", start=1):
+                await a.store.write(meta, TokenBatch(index, (text,)))
+                with anyio.fail_after(TAIL_POLL_S / 2):
+                    while texts_of(received)[1] != "abcd"[:index + 1]:
+                        await anyio.sleep(0.005)
+            await a.store.finish(meta, Done("stop", Usage(1, 4)))
+            with anyio.fail_after(TAIL_POLL_S / 2):
+                while not received or received[-1] != Done("stop", Usage(1, 4)):
+                    await anyio.sleep(0.005)
+        assert a.store.notices >= 4
+        assert not a.store._followers  # forgotten with the terminal
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_a_redis_pool_with_no_free_connection_is_not_redis_down() -> None:
     cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=0.2))
     context = cluster.context

@@ -29,7 +29,7 @@ import anyio.abc
 import anyio.lowlevel
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cluster.base import Handler
 from gateway.cluster.control import (
@@ -215,12 +215,12 @@ class RedisBackplane:
         session = self._session
         if session is not None:
             # A failure ends the session: the next one subscribes every room wanted.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await session.subscribe(self.ctx.channel(ROOM, room))
 
     async def unsubscribe_room(self, room: str) -> None:
         self._rooms.discard(room)
         session = self._session
         if session is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await session.unsubscribe(self.ctx.channel(ROOM, room))
