@@ -120,6 +120,19 @@ class WaitingRedisCluster(AsyncRedisCluster):
         except _BROKEN_CONNECTION as exc:
             await self.broken_connection(exc)
 
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # XREAD's keys follow STREAMS: read here, instead of asking a node (COMMAND GETKEYS)
+        # before every read, as redis-py does for commands whose keys move.
+        if command.upper() == "XREAD":
+            words = [(arg.decode() if isinstance(arg, bytes) else str(arg)).upper() for arg in args]
+            if "STREAMS" in words:
+                rest = args[words.index("STREAMS") + 1:]
+                slots = {self.keyslot(key) for key in rest[:len(rest) // 2]}
+                if len(slots) == 1:
+                    return slots.pop()
+        slot: int = await super()._determine_slot(command, *args)
+        return slot
+
     async def broken_connection(self, exc: Exception) -> NoReturn:
         """A call failed on a broken connection (a node restarted) outside redis-py's
         connection-error handling: every node's connections are made again, as redis-py
@@ -190,10 +203,13 @@ class RedisContext:
         """A client of its own, outside the command pool: one connection on single Redis,
         at most two per node of a cluster."""
         if self.cluster_mode:
-            return AsyncRedisCluster.from_url(
+            client = WaitingRedisCluster.from_url(
                 self.url, max_connections=2, decode_responses=True, socket_connect_timeout=2,
                 socket_timeout=socket_timeout, health_check_interval=5,
             )
+            assert isinstance(client, WaitingRedisCluster)
+            client.permits = _Permits(2, socket_timeout or 15.0)
+            return client
         return aioredis.Redis.from_url(
             self.url, single_connection_client=True, decode_responses=True, socket_connect_timeout=2,
             socket_timeout=socket_timeout, health_check_interval=5,

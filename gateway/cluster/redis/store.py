@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from config import Settings
 from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
@@ -200,7 +200,7 @@ class RedisStreamStore:
         try:
             await pipe.execute()
             self.notices += len(by_node)
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             logger.debug("could not send a written notice")
 
     async def touch(self, meta: StreamMeta) -> None:
