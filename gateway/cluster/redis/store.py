@@ -105,6 +105,8 @@ class RedisStreamStore:
         the stream has new entries."""
         if notice.node != self.ctx.node_id or notice.follower == self.ctx.node_id:
             return
+        if (notice.user, notice.id) not in self._ttl_set:
+            return  # not running here (finished, or never was): nothing more to tell
         if len(self._followers) >= FOLLOWED_MAX:
             self._followers.clear()  # forgotten followers read at their next poll
         self._followers.setdefault(self._stream_key(notice.user, notice.id), set()).add(notice.follower)

@@ -84,6 +84,9 @@ class StreamTailer:
         self.ctx = context
         self._subscriptions: dict[str, list[Subscription]] = {}
         self._due: set[str] = set()  # keys to read at once
+        # Keys that had news while every follower of theirs still held entries: read when
+        # one takes them.
+        self._deferred: set[str] = set()
         self._changed = Wakeup()
         # Reads made (pipelines), for tests and benchmarks.
         self.reads = 0
@@ -107,12 +110,15 @@ class StreamTailer:
         if not subscriptions:
             del self._subscriptions[subscription.key]
             self._due.discard(subscription.key)
+            self._deferred.discard(subscription.key)
 
     def taken(self, subscription: Subscription) -> None:
         """The follower took its entries: read its key again if the last read may have left
-        some behind."""
-        if not subscription.entries and subscription.full:
-            self._read_soon(subscription.key)
+        some behind, or news came while it held them."""
+        key = subscription.key
+        if not subscription.entries and (subscription.full or key in self._deferred):
+            self._deferred.discard(key)
+            self._read_soon(key)
 
     def written(self, keys: list[str]) -> None:
         """These streams have new entries (a notice, or this process's own commit)."""
@@ -131,7 +137,7 @@ class StreamTailer:
     def _wanted(self, keys: set[str] | None) -> dict[int, dict[str, str]]:
         """Each key to read (every followed key when ``keys`` is None), grouped by slot,
         from the earliest position of its followers that have taken everything read for
-        them so far."""
+        them so far. A key none of whose followers has is deferred."""
         wanted: dict[int, dict[str, str]] = {}
         for key, subscriptions in self._subscriptions.items():
             if keys is not None and key not in keys:
@@ -139,6 +145,8 @@ class StreamTailer:
             ready = [s.last_id for s in subscriptions if not s.entries]
             if ready:
                 wanted.setdefault(slot_of(key), {})[key] = min(ready, key=entry_order)
+            else:
+                self._deferred.add(key)
         return wanted
 
     async def run(self) -> None:
