@@ -5,6 +5,7 @@ ASK), and a node restarted in the middle of streams ends nothing in a hang."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +18,7 @@ import pytest
 from gateway.backends.synthetic import synthetic_tokens
 from gateway.cluster import build_cluster
 from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
+from gateway.supervise import supervise
 from gateway.wire.events import Done, Usage
 from tests.conftest import require_program
 from tests.redis_support import PrivateRedisCluster, unique_prefix
@@ -157,8 +159,9 @@ def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRed
 
 @contextlib.asynccontextmanager
 async def started_on(url: str) -> AsyncIterator[Any]:
+    """A cluster whose loops are supervised, as the gateway's are: restarted when they fail."""
     cluster = Started(build_cluster(settings_for(resume_ttl_s=60, cluster_url=url, redis_cluster=True)))
-    await cluster.cluster.start(cluster.spawn)
+    await cluster.cluster.start(lambda name, loop: cluster.spawn(name, functools.partial(supervise, name, loop)))
     try:
         yield cluster
     finally:
@@ -194,6 +197,32 @@ async def test_a_user_moved_to_another_node_mid_stream_is_followed(own_cluster: 
         assert texts_of(received) == (0, "abc") and received[-1] == Done("stop", Usage(1, 3))
         assert [m.id for m in await store.resumable("mover")] == ["m1"]
         assert await cluster.limits.add_connection("mover") is not None
+
+
+async def test_a_room_whose_channel_moved_to_another_node_is_still_received(own_cluster: PrivateRedisCluster) -> None:
+    """A sharded subscription lives on the node that owns its channel's slot: when the slot
+    moves, the node ends the subscription and the backplane subscribes again where the
+    slot went."""
+    from gateway.cluster.control import Presence, RoomEvents
+    from gateway.cluster.redis.context import slot_of
+
+    async with started_on(own_cluster.url) as cluster:
+        received: list[Any] = []
+        cluster.backplane.set_handler(received.append)
+        await cluster.backplane.subscribe_room("moving")
+        message = RoomEvents("moving", (Presence("u1", "join"),))
+        with anyio.fail_after(10):
+            while message not in received:
+                await cluster.backplane.publish(message)
+                await anyio.sleep(0.05)
+        slot = slot_of(cluster.context.channel("room", "moving"))
+        await anyio.to_thread.run_sync(move_slot, own_cluster.ports, slot)
+        received.clear()
+        with anyio.fail_after(15):
+            while message not in received:
+                with contextlib.suppress(Exception):
+                    await cluster.backplane.publish(message)
+                await anyio.sleep(0.1)
 
 
 async def test_a_node_restarted_mid_stream_ends_nothing_in_a_hang(own_cluster: PrivateRedisCluster) -> None:

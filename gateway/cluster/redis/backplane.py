@@ -182,6 +182,12 @@ class RedisBackplane:
         except (RedisError, OSError) as exc:
             self.ctx.report_error(exc)
             raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
+        except BaseExceptionGroup as group:
+            # A reader's failure: one line for the supervisor, as any lost connection.
+            _, rest = group.split((RedisUnavailable, RedisError, RedisClusterException, OSError))
+            if rest is None:
+                raise RedisUnavailable("backplane subscription lost") from None
+            raise
         finally:
             # Closed once its readers have stopped, so that none takes the close for a failure.
             if session is not None:
