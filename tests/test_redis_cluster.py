@@ -129,6 +129,25 @@ def slot_owner(port: int, slot: int) -> tuple[str, int]:
 def move_slot(ports: list[int], slot: int) -> int:
     """Moves ``slot`` and its keys to another primary, as ``redis-cli --cluster reshard``
     does (IMPORTING, MIGRATING, MIGRATE, then NODE everywhere). Returns the new port."""
+    target_id, target_port = begin_move(ports, slot)
+    end_move(ports, slot, target_id)
+    return target_port
+
+
+def redirects(ports: list[int], kind: str) -> int:
+    """How many ``MOVED`` or ``ASK`` answers the nodes have given."""
+    import redis
+
+    total = 0
+    for port in ports:
+        stats = redis.Redis(port=port, decode_responses=True).info("errorstats")
+        total += int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
+    return total
+
+
+def begin_move(ports: list[int], slot: int) -> tuple[str, int]:
+    """The first half of a move: the slot's keys are on the target, which the source still
+    owns; a command on them gets ASK. Returns the target's id and port."""
     import redis
 
     source_id, source_port = slot_owner(ports[0], slot)
@@ -140,9 +159,14 @@ def move_slot(ports: list[int], slot: int) -> int:
     source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
     while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
         source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+    return str(target_id), target_port
+
+
+def end_move(ports: list[int], slot: int, target_id: str) -> None:
+    import redis
+
     for port in ports:
         redis.Redis(port=port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-    return target_port
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +213,21 @@ async def test_a_user_moved_to_another_node_mid_stream_is_followed(own_cluster: 
                     await anyio.sleep(0.01)
                 slot = key_slot(b"mover")
                 before = slot_owner(own_cluster.ports[0], slot)[1]
-                after = await anyio.to_thread.run_sync(move_slot, own_cluster.ports, slot)
+                target_id, after = await anyio.to_thread.run_sync(begin_move, own_cluster.ports, slot)
                 assert after != before
-                # The client's map still names the old node: MOVED sends it to the new one.
+                # Mid-move: the source answers ASK for the keys it handed over.
+                asked = redirects(own_cluster.ports, "ASK")
                 await store.write(meta, TokenBatch(2, ("c",)))
-                await store.finish(meta, Done("stop", Usage(1, 3)))
-        assert texts_of(received) == (0, "abc") and received[-1] == Done("stop", Usage(1, 3))
+                assert redirects(own_cluster.ports, "ASK") > asked
+                while texts_of(received)[1] != "abc":
+                    await anyio.sleep(0.01)
+                await anyio.to_thread.run_sync(end_move, own_cluster.ports, slot, target_id)
+                # The client's map still names the old node: MOVED sends it to the new one.
+                moved = redirects(own_cluster.ports, "MOVED")
+                await store.write(meta, TokenBatch(3, ("d",)))
+                assert redirects(own_cluster.ports, "MOVED") > moved
+                await store.finish(meta, Done("stop", Usage(1, 4)))
+        assert texts_of(received) == (0, "abcd") and received[-1] == Done("stop", Usage(1, 4))
         assert [m.id for m in await store.resumable("mover")] == ["m1"]
         assert await cluster.limits.add_connection("mover") is not None
 
