@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeAlias
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -75,13 +76,16 @@ class _Permits:
         self.timeout_s = timeout_s
         self._semaphore: asyncio.Semaphore | None = None
 
-    async def run(self, call: Any) -> Any:
+    async def run(self, call: Coroutine[Any, Any, Any]) -> Any:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.count)
         try:
             await asyncio.wait_for(self._semaphore.acquire(), self.timeout_s)
-        except TimeoutError:
-            raise MaxConnectionsError("no free Redis connection") from None
+        except BaseException as exc:
+            call.close()  # never started
+            if isinstance(exc, TimeoutError):
+                raise MaxConnectionsError("no free Redis connection") from None
+            raise
         try:
             return await call
         finally:
@@ -175,10 +179,11 @@ class RedisContext:
         self.node_ttl_ms = max(int(settings.node_ttl_s * 1000), 100)
         self.cluster_mode = settings.redis_cluster
         # Commands wait for a free connection instead of failing when many callers need one
-        # at once (single Redis; the cluster client keeps a pool of that size per node and
-        # does not wait). The followers' tailing reads, the subscriptions and the liveness
-        # heartbeat have connections of their own (``dedicated_client``), so they can
-        # neither starve the commands nor be starved by them.
+        # at once (on a cluster: for one of as many turns, each taking at most one connection
+        # per node, since redis-py's cluster client does not wait). The followers' tailing
+        # reads, the subscriptions and the liveness heartbeat have connections of their own
+        # (``dedicated_client``, ``node_client``), so they can neither starve the commands
+        # nor be starved by them.
         self.client: Client = self._client(settings.redis_max_connections, settings.redis_pool_timeout_s)
         self.health = Health(up=False)
         self._alive_cache: dict[str, tuple[float, bool]] = {}
