@@ -70,23 +70,35 @@ class _Session:
         self.channel_url: dict[str, str] = {}
         self.confirmed: dict[str, anyio.Event] = {}
         self.leaving: dict[str, int] = {}  # our own unsubscribes not yet confirmed
+        # A subscription or unsubscription failed: the session ends, and the next one
+        # subscribes everything wanted then.
+        self.failed = False
+
+    def _fail(self) -> None:
+        self.failed = True
+        self.tg.cancel_scope.cancel()
 
     async def subscribe(self, channel: str) -> None:
         """Returns once the node confirmed the subscription (or after the timeout)."""
         if channel in self.channel_url:
             return
-        url = await self.ctx.channel_node_url(channel)
-        self.channel_url[channel] = url
-        event = self.confirmed[channel] = anyio.Event()
-        pubsub = self.pubsubs.get(url)
-        new = pubsub is None
-        if pubsub is None:
-            client = self.ctx.node_client(url)
-            self.clients.append(client)
-            pubsub = self.pubsubs[url] = client.pubsub()
-        await pubsub.ssubscribe(channel)
-        if new:
-            self.tg.start_soon(self._read, pubsub)
+        try:
+            url = await self.ctx.channel_node_url(channel)
+            self.channel_url[channel] = url
+            event = self.confirmed[channel] = anyio.Event()
+            pubsub = self.pubsubs.get(url)
+            if pubsub is None:
+                client = self.ctx.node_client(url)
+                self.clients.append(client)
+                pubsub = client.pubsub()
+                await pubsub.ssubscribe(channel)
+                self.pubsubs[url] = pubsub  # read from its first subscription on
+                self.tg.start_soon(self._read, pubsub)
+            else:
+                await pubsub.ssubscribe(channel)
+        except Exception:
+            self._fail()
+            raise
         with anyio.move_on_after(SUBSCRIBE_TIMEOUT_S):
             await event.wait()
 
@@ -95,7 +107,11 @@ class _Session:
         self.confirmed.pop(channel, None)
         if url is not None:
             self.leaving[channel] = self.leaving.get(channel, 0) + 1
-            await self.pubsubs[url].sunsubscribe(channel)
+            try:
+                await self.pubsubs[url].sunsubscribe(channel)
+            except Exception:
+                self._fail()
+                raise
 
     async def _read(self, pubsub: Any) -> None:
         try:
@@ -179,6 +195,8 @@ class RedisBackplane:
                     await session.subscribe(channel)
                 self.ctx.report(True)
                 await anyio.sleep_forever()
+            if session is not None and session.failed:
+                raise RedisUnavailable("backplane subscription lost")
         except (RedisError, OSError) as exc:
             self.ctx.report_error(exc)
             raise RedisUnavailable(f"backplane subscription lost: {type(exc).__name__}") from None
