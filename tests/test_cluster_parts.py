@@ -608,3 +608,45 @@ async def test_the_memory_store_gives_back_expired_streams_while_nothing_is_writ
         assert await store.get("u1", "s1") is None
     finally:
         await started.aclose()
+
+
+async def test_a_room_subscription_that_fails_is_made_again_by_the_next_session(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the node refuses one room subscription. The join still returns (the
+    backplane is down for that moment), the supervised listener starts a new session, and
+    the room's messages arrive."""
+    import functools
+
+    import redis.asyncio.client
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from gateway.supervise import supervise
+
+    require_redis()
+    original = redis.asyncio.client.PubSub.ssubscribe
+    refused: list[str] = []
+
+    async def refuse_once(self: Any, *channels: Any, **kwargs: Any) -> Any:
+        if not refused and any("room" in str(channel) for channel in channels):
+            refused.append(str(channels[0]))
+            raise RedisConnectionError("injected")
+        return await original(self, *channels, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "ssubscribe", refuse_once)
+    settings = settings_for().model_copy(update={"cluster_url": TEST_REDIS_URL})
+    started = Started(build_cluster(settings))
+    await started.cluster.start(lambda name, loop: started.spawn(name, functools.partial(supervise, name, loop)))
+    received: list[ControlMessage] = []
+    started.backplane.set_handler(received.append)
+    message = RoomEvents("retried", (Presence("u1", "join"),))
+    try:
+        with anyio.fail_after(5):
+            while started.backplane._session is None:
+                await anyio.sleep(0.01)
+            await started.backplane.subscribe_room("retried")
+            assert refused
+            while message not in received:
+                await started.backplane.publish(message)
+                await anyio.sleep(0.05)
+    finally:
+        await started.aclose()
