@@ -650,3 +650,19 @@ async def test_a_room_subscription_that_fails_is_made_again_by_the_next_session(
                 await anyio.sleep(0.05)
     finally:
         await started.aclose()
+
+
+async def test_redis_counts_keep_no_field_of_a_process_whose_time_passed() -> None:
+    cluster = await start_cluster("redis", settings_for(max_connections_per_user=5))
+    context = cluster.context
+    key = context.user_key("u1", "c", "conn")
+    try:
+        # A process that died with a count, and one whose time was left without its count.
+        await context.client.hset(key, mapping={"n-dead": 2, "n-dead:exp": 1, "n-gone:exp": 1})
+        lease = await cluster.limits.add_connection("u1")
+        assert lease is not None
+        fields = await context.client.hgetall(key)
+        assert set(fields) == {context.node_id, context.node_id + ":exp"}
+        assert fields[context.node_id] == "1"
+    finally:
+        await cluster.aclose()

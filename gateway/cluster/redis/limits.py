@@ -56,6 +56,12 @@ for node, count in pairs(counts) do
     total = total + math.max(0, count)
   end
 end
+-- A time left without its count (refreshed just as its process's count went) goes too.
+for node, until_ms in pairs(expiry) do
+  if counts[node] == nil and until_ms < now then
+    redis.call('HDEL', KEYS[1], node .. ':exp')
+  end
+end
 local function take()
   redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
   redis.call('HSET', KEYS[1], ARGV[2] .. ':exp', now + tonumber(ARGV[3]))
