@@ -666,3 +666,24 @@ async def test_redis_counts_keep_no_field_of_a_process_whose_time_passed() -> No
         assert fields[context.node_id] == "1"
     finally:
         await cluster.aclose()
+
+
+async def test_a_redis_without_sharded_pub_sub_is_refused_at_start_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: a server that does not know SPUBLISH (Redis before 7)."""
+    import redis.asyncio
+    from redis.exceptions import ResponseError
+
+    from gateway.cluster.redis.context import RedisUnavailable
+
+    require_redis()
+
+    async def unknown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise ResponseError("unknown command 'SPUBLISH'")
+
+    monkeypatch.setattr(redis.asyncio.Redis, "spublish", unknown)
+    cluster = build_cluster(settings_for().model_copy(update={"cluster_url": TEST_REDIS_URL}))
+    try:
+        with pytest.raises(RedisUnavailable, match="needs Redis 7 or newer"):
+            await cluster.start(lambda name, loop: None)
+    finally:
+        await cluster.aclose()

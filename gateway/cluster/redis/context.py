@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from config import Settings
 from gateway.cluster.base import Health
@@ -267,6 +267,12 @@ class RedisContext:
             with anyio.fail_after(5):
                 await self.client.ping()
                 await self.client.set(self.node_key, "1", px=self.node_ttl_ms)
+                try:
+                    await self.client.spublish(self.channel("probe"), "")
+                except ResponseError:
+                    # Redis before 7 has no sharded pub/sub, which the backplane uses.
+                    raise RedisUnavailable(f"Redis at {redact_url(self.url)} has no SPUBLISH: the gateway "
+                                           "needs Redis 7 or newer") from None
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {type(exc).__name__}") from None
         self.report(True)
