@@ -26,6 +26,7 @@ from gateway.cluster.control import (
     RoomEvents,
     RoomStart,
     RoomTokens,
+    audience,
 )
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
@@ -344,58 +345,76 @@ def addressed_to(node: str, messages: list[ControlMessage]) -> list[ControlMessa
     return [replace(m, node=node) if isinstance(m, Cancel | FollowNotice) else m for m in messages]
 
 
+async def heard(cluster: Any, received: list[ControlMessage], messages: list[ControlMessage]) -> None:
+    """Publishes each of ``messages`` until it has come back: a subscription is in place
+    once a message published after it arrives."""
+    with anyio.fail_after(5):
+        while not all(message in received for message in messages):
+            for message in messages:
+                if message not in received:
+                    await cluster.backplane.publish(message)
+            await anyio.sleep(0.05)
+
+
+def by_audience(messages: list[ControlMessage]) -> dict[tuple[str, str], list[ControlMessage]]:
+    """The messages of each audience, in order: the order a backplane keeps."""
+    grouped: dict[tuple[str, str], list[ControlMessage]] = {}
+    for message in messages:
+        grouped.setdefault(audience(message), []).append(message)
+    return grouped
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_backplane_delivers_every_message_typed_and_in_order(kind: str, request: pytest.FixtureRequest) -> None:
     cluster = await start_cluster(kind, settings_for(), request)
     received: list[ControlMessage] = []
     cluster.backplane.set_handler(received.append)
-    probe = Cancel("probe", "probe", cluster.node_id)
+    probes: list[ControlMessage] = [Cancel("probe", "probe", cluster.node_id), Broadcast("probe"),
+                                    RoomEvents("lobby", (Presence("probe", "join"),))]
     messages = addressed_to(cluster.node_id, MESSAGES)
     try:
         await cluster.backplane.subscribe_room("lobby")
-        # A subscription is in place once a message published after it comes back.
-        with anyio.fail_after(5):
-            while not received:
-                await cluster.backplane.publish(probe)
-                await anyio.sleep(0.05)
-            received.clear()
+        await heard(cluster, received, probes)
+        received.clear()
         for message in messages:
             await cluster.backplane.publish(message)
         with anyio.fail_after(5):
-            while len([m for m in received if m != probe]) < len(messages):
+            while len([m for m in received if m not in probes]) < len(messages):
                 await anyio.sleep(0.01)
     finally:
         await cluster.aclose()
-    assert [m for m in received if m != probe] == messages
+    assert by_audience([m for m in received if m not in probes]) == by_audience(messages)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_backplane_delivers_a_message_to_its_audience_only(kind: str, request: pytest.FixtureRequest) -> None:
     """Another node's messages and the rooms it has not subscribed to never reach a
-    process; a room's messages do from its subscription until its unsubscription."""
+    process; a room's messages do from its subscription until its unsubscription. What did
+    not arrive by the time a later message to each subscription did never will: a node
+    delivers a subscriber's messages in the order published."""
     cluster = await start_cluster(kind, settings_for(), request)
     received: list[ControlMessage] = []
     cluster.backplane.set_handler(received.append)
-    mine = Cancel("u1", "mine", cluster.node_id)
+    mine: ControlMessage = Cancel("u1", "mine", cluster.node_id)
+    everyone: ControlMessage = Broadcast("barrier")
+    room_barrier: ControlMessage = RoomEvents("in", (Presence("barrier", "join"),))
+    joined = RoomEvents("in", (Presence("u1", "join"),))
     try:
         await cluster.backplane.subscribe_room("in")
-        with anyio.fail_after(5):
-            while mine not in received:
-                await cluster.backplane.publish(mine)
-                await anyio.sleep(0.05)
+        await heard(cluster, received, [mine, everyone, room_barrier])
         received.clear()
         await cluster.backplane.publish(Cancel("u1", "other", "n-someone-else"))
         await cluster.backplane.publish(RoomEvents("out", (Presence("u1", "join"),)))
-        await cluster.backplane.publish(RoomEvents("in", (Presence("u1", "join"),)))
+        await cluster.backplane.publish(joined)
+        await heard(cluster, received, [mine, everyone, room_barrier])
+        assert [m for m in received if m not in (mine, everyone, room_barrier)] == [joined]
+        received.clear()
         await cluster.backplane.unsubscribe_room("in")
         await cluster.backplane.publish(RoomEvents("in", (Presence("u1", "leave"),)))
-        await cluster.backplane.publish(mine)  # after everything above, from the same publisher
-        with anyio.fail_after(5):
-            while mine not in received:
-                await anyio.sleep(0.01)
+        await heard(cluster, received, [mine, everyone])
+        assert [m for m in received if m not in (mine, everyone)] == []
     finally:
         await cluster.aclose()
-    assert received == [RoomEvents("in", (Presence("u1", "join"),)), mine]
 
 
 async def test_the_memory_store_keeps_to_its_budget_evicting_the_oldest_finished_first() -> None:

@@ -19,7 +19,8 @@ Limits: a granted slot is a ``Lease``; releasing it is the holder's job (in a ``
 and a lease is released by the store that granted it.
 
 Backplane: delivery is at most once and unordered across publishers; from one publisher,
-messages arrive in the order published. A message reaches its audience
+messages to one audience (one node, one room, the broadcasts) arrive in the order
+published (there is no order between audiences). A message reaches its audience
 (``control.audience``) only: its node's process, every process subscribed to its room
 (``subscribe_room``), or every process for a broadcast; the publisher's own process too
 when it is in the audience.
@@ -139,7 +140,8 @@ class Backplane(Protocol):
         again when it is back)."""
 
     async def unsubscribe_room(self, room: str) -> None:
-        """Stop receiving the room's messages (the last member here left)."""
+        """Stop receiving the room's messages (the last member here left): none published
+        after it returns arrives (unless the backplane could not reach Redis)."""
 
 
 class Health:

@@ -70,6 +70,7 @@ class _Session:
         self.channel_url: dict[str, str] = {}
         self.confirmed: dict[str, anyio.Event] = {}
         self.leaving: dict[str, int] = {}  # our own unsubscribes not yet confirmed
+        self.left: dict[str, anyio.Event] = {}
         # A subscription or unsubscription failed: the session ends, and the next one
         # subscribes everything wanted then.
         self.failed = False
@@ -103,15 +104,19 @@ class _Session:
             await event.wait()
 
     async def unsubscribe(self, channel: str) -> None:
+        """Returns once the node confirmed it (or after the timeout)."""
         url = self.channel_url.pop(channel, None)
         self.confirmed.pop(channel, None)
         if url is not None:
             self.leaving[channel] = self.leaving.get(channel, 0) + 1
+            event = self.left[channel] = anyio.Event()
             try:
                 await self.pubsubs[url].sunsubscribe(channel)
             except Exception:
                 self._fail()
                 raise
+            with anyio.move_on_after(SUBSCRIBE_TIMEOUT_S):
+                await event.wait()
 
     async def _read(self, pubsub: Any) -> None:
         try:
@@ -131,6 +136,9 @@ class _Session:
                     leaving = self.leaving.get(channel, 0)
                     if leaving:
                         self.leaving[channel] = leaving - 1
+                        left = self.left.pop(channel, None)
+                        if left is not None:
+                            left.set()
                     elif channel in self.channel_url:
                         # Not asked for: the channel's slot moved to another node.
                         raise RedisUnavailable("a subscribed channel moved to another node")
