@@ -84,7 +84,7 @@ class Started:
         while pending and asyncio.get_running_loop().time() < deadline:
             for task in pending:
                 task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         assert not pending, f"loops that did not stop: {[task.get_name() for task in pending]}"
         await self.cluster.aclose()
 
