@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FORBID_DIR = Path(__file__).resolve().parent / "forbid"
 SECRET = "install-check-secret-0123456789abcdef"
 REDIS_URL = os.environ.get("INSTALL_CHECK_REDIS_URL", "redis://127.0.0.1:6379/14")
+# A node of a Redis Cluster, when one runs (.ci/run starts one): the redis path streams
+# through it too.
+REDIS_CLUSTER_URL = os.environ.get("GATEWAY_TEST_REDIS_CLUSTER_URL")
 
 # Top-level modules of every optional dependency (extras test, local, bench, redis).
 OPTIONAL = {
@@ -188,6 +191,8 @@ def install_paths(workdir: Path) -> list[InstallPath]:
             Run("redis-installed-unused", {}, everything_but()),
             Run("redis-url", {"GATEWAY_REDIS_URL": REDIS_URL}, everything_but("redis")),
             Run("redis-workers", {"GATEWAY_REDIS_URL": REDIS_URL}, everything_but("redis"), workers=2),
+            *([Run("redis-cluster", {"GATEWAY_REDIS_URL": REDIS_CLUSTER_URL, "GATEWAY_REDIS_CLUSTER": "true"},
+                   everything_but("redis"))] if REDIS_CLUSTER_URL else []),
         ]),
         # README "Backends": torch first, then the local extra, with a model built on the spot.
         InstallPath("local", [["torch==2.13.0"], [".[local]"]], [

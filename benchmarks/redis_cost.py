@@ -2,11 +2,14 @@
 the gateway's CPU per token relative to the memory-only store, measured in one run.
 
     python -m benchmarks.redis_cost            # writes benchmarks/results/redis_cost.md
+    python -m benchmarks.redis_cost --cluster  # and on a Redis Cluster of three primaries
 
 It starts a private redis-server (so other users of a shared Redis cannot pollute the
 counters) and the gateway with the synthetic backend, once with the memory store and once
 with Redis, and drives the same two loads through each: one stream at full speed, and
-many streams paced like an LLM (30 tokens/s).
+many streams paced like an LLM (30 tokens/s). With ``--cluster`` it also starts a private
+Redis Cluster of three primaries and runs the loads on it, the counters summed over its
+nodes.
 """
 
 from __future__ import annotations
@@ -117,6 +120,64 @@ def private_redis() -> Iterator[str]:
             server.wait(10)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@contextlib.contextmanager
+def private_redis_cluster() -> Iterator[tuple[str, list[int]]]:
+    """A Redis Cluster of three primaries of its own; yields a node's URL and every port."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli are needed")
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = cluster_port()
+        if port not in ports:
+            ports.append(port)
+    servers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for port in ports:
+                node_dir = Path(tmp) / str(port)
+                node_dir.mkdir()
+                servers.append(subprocess.Popen(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", str(node_dir)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for port in ports:
+                client = redis.Redis(port=port)
+                for _ in range(100):
+                    try:
+                        client.ping()
+                        break
+                    except redis.RedisError:
+                        time.sleep(0.05)
+                client.close()
+            subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
+                            "--cluster-replicas", "0", "--cluster-yes"], check=True, stdout=subprocess.DEVNULL)
+            for port in ports:
+                client = redis.Redis(port=port, decode_responses=True)
+                while "cluster_state:ok" not in str(client.execute_command("CLUSTER", "INFO")):
+                    time.sleep(0.1)
+                client.close()
+            yield f"redis://127.0.0.1:{ports[0]}/0", ports
+        finally:
+            for server in servers:
+                server.kill()
+                server.wait(10)
+
+
 def command_calls(client: redis.Redis) -> dict[str, int]:
     """Commands Redis ran since its last CONFIG RESETSTAT, by name (a Lua script's own
     calls included, as Redis counts them)."""
@@ -125,26 +186,52 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
             if name != "cmdstat_config|resetstat"}
 
 
+def settle(port: int) -> None:
+    """Until the gateway has no connection and no generation left: their releases and last
+    writes reach Redis before the counters are read."""
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith(("gateway_open_connections ", "gateway_active_generations "))}
+        if not any(values.values()):
+            time.sleep(0.2)  # a release follows the count by a command's round trip
+            return
+        time.sleep(0.05)
+
+
 def measure(label: str, store_env: dict[str, str], rate: int, streams: int, tokens: int,
-            client: redis.Redis | None) -> dict[str, Any]:
+            clients: list[redis.Redis]) -> dict[str, Any]:
+    """One load through one gateway; the Redis counters summed over ``clients`` (every
+    node of a cluster, or the one server; none for the memory store)."""
     port = free_port()
     proc = start_gateway({"GATEWAY_SYNTHETIC_TOKENS_PER_S": str(rate), **store_env}, port)
     try:
         before_cpu = cpu_seconds(proc.pid)
-        if client is not None:
+        for client in clients:
             client.config_resetstat()
         started = time.monotonic()
         received = asyncio.run(run_streams(port, streams, tokens))
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(proc.pid) - before_cpu
+        settle(port)
         result: dict[str, Any] = {"label": label, "tokens": received, "seconds": round(elapsed, 2),
                                   "cpu_us_per_token": round(cpu / max(received, 1) * 1e6, 2)}
-        if client is not None:
-            calls = command_calls(client)
-            net = client.info("stats")
+        if clients:
+            calls: dict[str, int] = {}
+            input_bytes = 0
+            for client in clients:
+                for name, count in command_calls(client).items():
+                    if name.startswith("cluster|"):
+                        continue  # the cluster client's topology reads, not the store's work
+                    calls[name] = calls.get(name, 0) + count
+                input_bytes += int(client.info("stats")["total_net_input_bytes"])
             result["redis_commands_per_token"] = round(sum(calls.values()) / max(received, 1), 3)
             result["xadd_per_token"] = round(calls.get("xadd", 0) / max(received, 1), 3)
-            result["bytes_to_redis_per_token"] = round(int(net["total_net_input_bytes"]) / max(received, 1), 1)
+            result["bytes_to_redis_per_token"] = round(input_bytes / max(received, 1), 1)
             result["per_generation"] = {name: round(count / max(streams, 1), 1)
                                         for name, count in sorted(calls.items(), key=lambda item: -item[1])}
         return result
@@ -157,27 +244,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "redis_cost.md"))
     parser.add_argument("--paced-streams", type=int, default=200)
+    parser.add_argument("--cluster", action="store_true", help="also on a Redis Cluster of three primaries")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed")
-    with private_redis() as url:
-        client = redis.Redis.from_url(url, decode_responses=True)
-        redis_env = {"GATEWAY_REDIS_URL": url}
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(private_redis())
+        stores: list[tuple[str, dict[str, str], list[redis.Redis]]] = [
+            ("redis", {"GATEWAY_REDIS_URL": url}, [redis.Redis.from_url(url, decode_responses=True)])]
+        if args.cluster:
+            cluster_url, ports = stack.enter_context(private_redis_cluster())
+            cluster_env = {"GATEWAY_REDIS_URL": cluster_url, "GATEWAY_REDIS_CLUSTER": "true"}
+            stores.append(("redis cluster (3 primaries)", cluster_env,
+                           [redis.Redis(port=port, decode_responses=True) for port in ports]))
         loads = [("one stream, full speed, 50,000 tokens", 0, 1, 50_000),
                  (f"{args.paced_streams} streams at 30 tokens/s, 150 tokens each", 30, args.paced_streams, 150)]
         rows = []
         for name, rate, streams, tokens in loads:
-            memory = measure(f"{name}: memory", {}, rate, streams, tokens, None)
-            with_redis = measure(f"{name}: redis", redis_env, rate, streams, tokens, client)
-            with_redis["cpu_vs_memory"] = round(with_redis["cpu_us_per_token"] / memory["cpu_us_per_token"], 2)
-            rows += [memory, with_redis]
+            memory = measure(f"{name}: memory", {}, rate, streams, tokens, [])
+            rows.append(memory)
+            for store, env, clients in stores:
+                row = measure(f"{name}: {store}", env, rate, streams, tokens, clients)
+                row["cpu_vs_memory"] = round(row["cpu_us_per_token"] / memory["cpu_us_per_token"], 2)
+                rows.append(row)
     lines = [
         "# Redis stream store: cost per token",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, redis-py {redis.__version__}; "
-        f"command: `python -m benchmarks.redis_cost --paced-streams {args.paced_streams}`.",
-        "Gateway CPU is the server process's user+system time over the tokens delivered.",
+        f"command: `python -m benchmarks.redis_cost --paced-streams {args.paced_streams}"
+        f"{' --cluster' if args.cluster else ''}`.",
+        "Gateway CPU is the server process's user+system time over the tokens delivered. On the cluster, "
+        "commands and bytes are summed over its nodes (without the cluster client's CLUSTER topology reads).",
         "",
         "| load | store | tokens | gateway CPU µs/token | vs memory | Redis commands/token | XADD/token | "
         "bytes to Redis/token |",

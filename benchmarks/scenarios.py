@@ -501,8 +501,9 @@ def redis_usage(env: dict[str, str], prefix: str) -> dict[str, float]:
 
     client = redis.Redis.from_url(env["GATEWAY_REDIS_URL"], decode_responses=False)
     entries = field_bytes = streams = 0
-    # Keys are GATEWAY_REDIS_PREFIX, the layout's version, then the key itself (docs/scaling.md).
-    for key in client.scan_iter(match=prefix.encode() + b"v2:s:*", count=1000):
+    # Keys are GATEWAY_REDIS_PREFIX, the layout's version, the user's hash tag, then the key
+    # itself (docs/scaling.md).
+    for key in client.scan_iter(match=prefix.encode() + b"v3:{*}:s:*", count=1000):
         streams += 1
         for _, fields in client.xrange(key):
             entries += 1

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # streams, limits and control messages). GATEWAY_REDIS_URL is accepted as its old name.
     cluster_url: str = Field(default="memory://",
                              validation_alias=AliasChoices("GATEWAY_CLUSTER_URL", "GATEWAY_REDIS_URL", "redis_url"))
+    # A Redis Cluster behind GATEWAY_CLUSTER_URL (any one of its nodes): keys are hash-tagged
+    # so every script and transaction stays in one slot, and pub/sub is sharded.
+    redis_cluster: bool = False
     redis_prefix: str = "gw:"
     redis_max_connections: int = Field(default=64, ge=2)
     redis_pool_timeout_s: float = Field(default=10.0, gt=0)

@@ -30,6 +30,7 @@ from gateway.cluster.control import (
     RoomEvents,
     RoomStart,
     RoomTokens,
+    audience,
 )
 from gateway.core.liveness import Deadlines
 from gateway.core.ports import Member
@@ -223,6 +224,7 @@ class Hub:
     # Control messages between processes ---------------------------------------------------
 
     def handle_control(self, message: ControlMessage) -> None:
+        self.metrics.backplane_received.labels(audience(message)[0]).inc()
         if isinstance(message, Cancel):
             generation = self.generations.get((message.user, message.id))
             if generation is not None:
@@ -255,18 +257,27 @@ class Hub:
 
     async def publish(self, message: ControlMessage) -> None:
         await self.cluster.backplane.publish(message)
+        self.metrics.backplane_published.labels(audience(message)[0]).inc()
 
     # Rooms -------------------------------------------------------------------------------
 
-    def room_joined(self, room: str, connection: Member) -> None:
-        self.rooms.setdefault(room, set()).add(connection)
+    async def room_joined(self, room: str, connection: Member) -> None:
+        """The room's messages reach this process from its first member's join on."""
+        members = self.rooms.get(room)
+        if members is None:
+            members = self.rooms[room] = set()
+        members.add(connection)
+        if len(members) == 1:
+            await self.cluster.backplane.subscribe_room(room)
 
-    def room_left(self, room: str, connection: Member) -> None:
+    async def room_left(self, room: str, connection: Member) -> None:
+        """... and until its last member here leaves."""
         members = self.rooms.get(room)
         if members is not None:
             members.discard(connection)
             if not members:
                 del self.rooms[room]
+                await self.cluster.backplane.unsubscribe_room(room)
 
     # Shutdown -----------------------------------------------------------------------------
 

@@ -54,6 +54,17 @@ class Metrics:
             "gateway_presence_dropped_total", "Presence frames dropped for a member whose send queue was full",
             registry=r,
         )
+        # What this process sent and received over the backplane, by audience (node, room,
+        # broadcast): a process receives only its own node's messages, its rooms' and the
+        # broadcasts.
+        self.backplane_received = Counter(
+            "gateway_backplane_received_total", "Backplane messages this process received, by purpose", ["purpose"],
+            registry=r,
+        )
+        self.backplane_published = Counter(
+            "gateway_backplane_published_total", "Backplane messages this process published, by purpose", ["purpose"],
+            registry=r,
+        )
         self.errors = Counter("gateway_errors_total", "Error frames sent, by code", ["code"], registry=r)
         self.http_requests = Counter(
             "gateway_http_requests_total", "OpenAI-compatible HTTP API requests, by endpoint and status",

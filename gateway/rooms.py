@@ -40,7 +40,7 @@ class Rooms:
         if not host.state.admit_join(room, self.claim, self.joined):
             return
         self.joined.add(room)
-        host.hub.room_joined(room, host)
+        await host.hub.room_joined(room, host)
         await host.outbox.send_queued(Frame(None, encode_room_ack("joined", room)))
         await self._publish_presence(room, "join")
 
@@ -49,7 +49,7 @@ class Rooms:
         if room not in self.joined:
             raise GatewayError("not in this room", code=ErrorCode.NOT_FOUND)
         self.joined.discard(room)
-        host.hub.room_left(room, host)
+        await host.hub.room_left(room, host)
         await host.outbox.send_queued(Frame(None, encode_room_ack("left", room)))
         await self._publish_presence(room, "leave")
 
@@ -58,8 +58,8 @@ class Rooms:
         joined = self.joined
         for room in list(joined):
             joined.discard(room)
-            self.host.hub.room_left(room, self.host)
             with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+                await self.host.hub.room_left(room, self.host)
                 await self._publish_presence(room, "leave")
 
     async def _publish_presence(self, room: str, event: str) -> None:

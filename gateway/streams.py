@@ -216,7 +216,7 @@ class Streams:
         meta = await self._stored_meta(stream_id)
         if meta is None:
             raise GatewayError("no generation with this id", code=ErrorCode.NOT_FOUND)
-        await publish_or_unavailable(hub, Cancel(host.user, stream_id))
+        await publish_or_unavailable(hub, Cancel(host.user, stream_id, meta.node))
         if follow is None:
             # Not following it here: answer with its terminal frame when it comes.
             self._spawn_cancel_answer(stream_id, self._follow_store, meta, PAST_EVERY_TOKEN, False)
@@ -322,7 +322,7 @@ class Streams:
         interval = follow_notice_interval(self.host.settings)
         while True:
             with contextlib.suppress(Exception):
-                await hub.publish(FollowNotice(meta.user, meta.id))
+                await hub.publish(FollowNotice(meta.user, meta.id, meta.node, hub.cluster.node_id))
             await anyio.sleep(interval)
 
     def follow_ended(self, follow: Follow) -> None:

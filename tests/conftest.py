@@ -107,3 +107,34 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         sys.path.remove(str(site))
         sys.modules.pop("shout_backend", None)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of three primaries: GATEWAY_TEST_REDIS_CLUSTER_URL when set (CI starts
+    one), else one started here from redis-server for the session."""
+    from tests.redis_support import TEST_REDIS_CLUSTER_URL, PrivateRedisCluster
+
+    if TEST_REDIS_CLUSTER_URL:
+        yield TEST_REDIS_CLUSTER_URL
+        return
+    servers = PrivateRedisCluster(tmp_path_factory.mktemp("redis-cluster"), require_program("redis-server"),
+                                  require_program("redis-cli"))
+    try:
+        servers.start()
+        yield servers.url
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A Redis Cluster of the test's own, whose nodes it may stop and start again."""
+    from tests.redis_support import PrivateRedisCluster
+
+    servers = PrivateRedisCluster(tmp_path, require_program("redis-server"), require_program("redis-cli"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()

@@ -1,11 +1,13 @@
 """One conformance suite for every implementation of the cluster parts: the stream
-store, the limit store and the backplane, memory:// and redis://, built by URL scheme."""
+store, the limit store and the backplane, memory:// and redis://, built by URL scheme; the
+Redis parts on a single Redis and on a Redis Cluster of three primaries."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -24,6 +26,7 @@ from gateway.cluster.control import (
     RoomEvents,
     RoomStart,
     RoomTokens,
+    audience,
 )
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
@@ -40,9 +43,17 @@ def settings_for(**overrides: Any) -> Settings:
     return make_settings(**values)
 
 
-async def make_parts(kind: str, settings: Settings) -> tuple[StreamStore, LimitStore, Any]:
+# Every kind: memory, single Redis, and Redis Cluster. The Cluster's cases run with the slow
+# set (CI runs them all), so that ``pytest -m "not slow"`` stays within its minute.
+CLUSTER_KIND = pytest.param("redis-cluster", marks=pytest.mark.slow)
+KINDS = ["memory", "redis", CLUSTER_KIND]
+REDIS_KINDS = ["redis", CLUSTER_KIND]
+
+
+async def make_parts(kind: str, settings: Settings, request: pytest.FixtureRequest | None = None,
+                     ) -> tuple[StreamStore, LimitStore, Any]:
     """The parts of a started cluster of ``kind``; the third item is the cluster, to close."""
-    cluster = await start_cluster(kind, settings)
+    cluster = await start_cluster(kind, settings, request)
     return cluster.store, cluster.limits, cluster
 
 
@@ -73,24 +84,31 @@ class Started:
         while pending and asyncio.get_running_loop().time() < deadline:
             for task in pending:
                 task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         assert not pending, f"loops that did not stop: {[task.get_name() for task in pending]}"
         await self.cluster.aclose()
 
 
-async def start_cluster(kind: str, settings: Settings) -> Any:
+async def start_cluster(kind: str, settings: Settings, request: pytest.FixtureRequest | None = None) -> Any:
+    """A started cluster of ``kind``; ``redis-cluster`` needs the test's ``request`` (for the
+    session's Redis Cluster)."""
+    update: dict[str, Any] = {"cluster_url": "memory://"}
     if kind == "redis":
         require_redis()
-    url = {"memory": "memory://", "redis": TEST_REDIS_URL}[kind]
-    started = Started(build_cluster(settings.model_copy(update={"cluster_url": url})))
+        update["cluster_url"] = TEST_REDIS_URL
+    elif kind == "redis-cluster":
+        assert request is not None, "a Redis Cluster test passes its request"
+        update.update(cluster_url=request.getfixturevalue("redis_cluster_url"), redis_cluster=True)
+    started = Started(build_cluster(settings.model_copy(update=update)))
     await started.cluster.start(started.spawn)
     return started
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=KINDS)
 async def parts(request: pytest.FixtureRequest) -> AsyncIterator[tuple[StreamStore, LimitStore, Any]]:
     store, limits, context = await make_parts(request.param, settings_for(
-        max_streams_per_user=2, max_connections_per_user=2, user_generate_rate_per_s=1, user_generate_burst=3))
+        max_streams_per_user=2, max_connections_per_user=2, user_generate_rate_per_s=1, user_generate_burst=3),
+        request)
     try:
         yield store, limits, context
     finally:
@@ -209,9 +227,9 @@ async def test_resumable_lists_the_users_streams(parts: Any) -> None:
 
 
 @pytest.mark.slow
-async def test_streams_expire_after_the_ttl_from_the_last_write() -> None:
-    for kind in ("memory", "redis"):
-        store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1))
+async def test_streams_expire_after_the_ttl_from_the_last_write(request: pytest.FixtureRequest) -> None:
+    for kind in ("memory", "redis", "redis-cluster"):
+        store, _, context = await make_parts(kind, settings_for(resume_ttl_s=1), request)
         try:
             meta = meta_for((store, None, context))
             await store.create(meta)
@@ -254,27 +272,49 @@ async def test_generation_concurrency_and_rate(parts: Any) -> None:
     assert 0 < float(str(rate.value.extra["retry_after_s"])) <= 1.0
 
 
-async def test_redis_slots_of_a_dead_process_come_back() -> None:
-    require_redis()
-    settings = settings_for(max_connections_per_user=1, node_ttl_s=1)
-    _, limits_a, context_a = await make_parts("redis", settings)
-    _, limits_b, context_b = await make_parts("redis", settings)
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_slots_of_a_dead_process_come_back(kind: str, request: pytest.FixtureRequest) -> None:
+    settings = settings_for(max_connections_per_user=1, node_ttl_s=0.3)
+    _, limits_a, context_a = await make_parts(kind, settings, request)
+    _, limits_b, context_b = await make_parts(kind, settings, request)
     try:
         assert await limits_a.add_connection("u1") is not None
         assert await limits_b.add_connection("u1") is None  # held by process A
-        # Process A dies: its liveness key expires and nobody releases its slot.
-        await context_a.context.client.delete(context_a.context.node_key)
-        assert await limits_b.add_connection("u1") is not None
+        # While A lives, it keeps its count alive past the node TTL.
+        await anyio.sleep(0.6)
+        assert await limits_b.add_connection("u1") is None
+        # Process A dies: nobody keeps its count alive, and nobody releases its slot.
+        await context_a.aclose()
+        with anyio.fail_after(5):
+            while await limits_b.add_connection("u1") is None:
+                await anyio.sleep(0.05)
     finally:
         await context_a.aclose()
         await context_b.aclose()
 
 
+async def test_a_user_name_cannot_break_out_of_its_hash_tag() -> None:
+    from gateway.cluster.redis.context import RedisContext, slot_of
+
+    context = RedisContext(settings_for(), "redis://127.0.0.1:1/0")
+    try:
+        for user in ("alice", "a}b", "{x}", "}{", "", "a:b", "{"):
+            keys = [context.user_key(user, "m", "r1"), context.user_key(user, "s", "r1"),
+                    context.user_key(user, "u"), context.user_key(user, "c", "gen"), context.user_key(user, "rate")]
+            # Every key of a user is in one slot, the slot of the escaped user alone.
+            assert {slot_of(key) for key in keys} == {slot_of("{" + (keys[0].split("{", 1)[1].split("}", 1)[0]) + "}")}
+            assert keys[0].count("{") == 1 and keys[0].count("}") == 1
+        assert context.user_key("alice", "m", "r1").endswith("{alice}:m:r1")
+        assert context.user_key("a}b", "u") != context.user_key("a", "b}:u")
+    finally:
+        await context.client.aclose()
+
+
 @pytest.mark.slow
-async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
-    require_redis()
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_follow_ends_with_backend_error_when_the_producer_died(kind: str, request: pytest.FixtureRequest) -> None:
     settings = settings_for(node_ttl_s=0.5)
-    store, _, context = await make_parts("redis", settings)
+    store, _, context = await make_parts(kind, settings, request)
     try:
         meta = StreamMeta(user="u1", id="orphan", epoch="e", node="n-gone", created_at=time.time())
         await store.create(meta)
@@ -287,8 +327,8 @@ async def test_follow_ends_with_backend_error_when_the_producer_died() -> None:
 
 
 MESSAGES: list[ControlMessage] = [
-    Cancel("u1", "s1"),
-    FollowNotice("u1", "s1"),
+    Cancel("u1", "s1", "NODE"),
+    FollowNotice("u1", "s1", "NODE", "n-follower"),
     Broadcast({"text": "hi", "n": [1, 2]}, user=None),
     Broadcast("only you", user="u2"),
     RoomEvents("lobby", (Presence("u1", "join"),), origin="c-1"),
@@ -301,26 +341,80 @@ MESSAGES: list[ControlMessage] = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_backplane_delivers_every_message_typed_and_in_order(kind: str) -> None:
-    cluster = await start_cluster(kind, settings_for())
+def addressed_to(node: str, messages: list[ControlMessage]) -> list[ControlMessage]:
+    return [replace(m, node=node) if isinstance(m, Cancel | FollowNotice) else m for m in messages]
+
+
+async def heard(cluster: Any, received: list[ControlMessage], messages: list[ControlMessage]) -> None:
+    """Publishes each of ``messages`` until it has come back: a subscription is in place
+    once a message published after it arrives."""
+    with anyio.fail_after(5):
+        while not all(message in received for message in messages):
+            for message in messages:
+                if message not in received:
+                    await cluster.backplane.publish(message)
+            await anyio.sleep(0.05)
+
+
+def by_audience(messages: list[ControlMessage]) -> dict[tuple[str, str], list[ControlMessage]]:
+    """The messages of each audience, in order: the order a backplane keeps."""
+    grouped: dict[tuple[str, str], list[ControlMessage]] = {}
+    for message in messages:
+        grouped.setdefault(audience(message), []).append(message)
+    return grouped
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backplane_delivers_every_message_typed_and_in_order(kind: str, request: pytest.FixtureRequest) -> None:
+    cluster = await start_cluster(kind, settings_for(), request)
     received: list[ControlMessage] = []
     cluster.backplane.set_handler(received.append)
+    probes: list[ControlMessage] = [Cancel("probe", "probe", cluster.node_id), Broadcast("probe"),
+                                    RoomEvents("lobby", (Presence("probe", "join"),))]
+    messages = addressed_to(cluster.node_id, MESSAGES)
     try:
-        # A subscription is in place once a message published after it comes back.
-        with anyio.fail_after(5):
-            while not received:
-                await cluster.backplane.publish(Cancel("probe", "probe"))
-                await anyio.sleep(0.05)
-            received.clear()
-        for message in MESSAGES:
+        await cluster.backplane.subscribe_room("lobby")
+        await heard(cluster, received, probes)
+        received.clear()
+        for message in messages:
             await cluster.backplane.publish(message)
         with anyio.fail_after(5):
-            while len([m for m in received if m != Cancel("probe", "probe")]) < len(MESSAGES):
+            while len([m for m in received if m not in probes]) < len(messages):
                 await anyio.sleep(0.01)
     finally:
         await cluster.aclose()
-    assert [m for m in received if m != Cancel("probe", "probe")] == MESSAGES
+    assert by_audience([m for m in received if m not in probes]) == by_audience(messages)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backplane_delivers_a_message_to_its_audience_only(kind: str, request: pytest.FixtureRequest) -> None:
+    """Another node's messages and the rooms it has not subscribed to never reach a
+    process; a room's messages do from its subscription until its unsubscription. What did
+    not arrive by the time a later message to each subscription did never will: a node
+    delivers a subscriber's messages in the order published."""
+    cluster = await start_cluster(kind, settings_for(), request)
+    received: list[ControlMessage] = []
+    cluster.backplane.set_handler(received.append)
+    mine: ControlMessage = Cancel("u1", "mine", cluster.node_id)
+    everyone: ControlMessage = Broadcast("barrier")
+    room_barrier: ControlMessage = RoomEvents("in", (Presence("barrier", "join"),))
+    joined = RoomEvents("in", (Presence("u1", "join"),))
+    try:
+        await cluster.backplane.subscribe_room("in")
+        await heard(cluster, received, [mine, everyone, room_barrier])
+        received.clear()
+        await cluster.backplane.publish(Cancel("u1", "other", "n-someone-else"))
+        await cluster.backplane.publish(RoomEvents("out", (Presence("u1", "join"),)))
+        await cluster.backplane.publish(joined)
+        await heard(cluster, received, [mine, everyone, room_barrier])
+        assert [m for m in received if m not in (mine, everyone, room_barrier)] == [joined]
+        received.clear()
+        await cluster.backplane.unsubscribe_room("in")
+        await cluster.backplane.publish(RoomEvents("in", (Presence("u1", "leave"),)))
+        await heard(cluster, received, [mine, everyone])
+        assert [m for m in received if m not in (mine, everyone)] == []
+    finally:
+        await cluster.aclose()
 
 
 async def test_the_memory_store_keeps_to_its_budget_evicting_the_oldest_finished_first() -> None:
@@ -401,8 +495,10 @@ async def test_the_rate_buckets_of_users_who_went_quiet_are_dropped() -> None:
 # The Redis store's own guarantees: one commit per interval for every stream, and one
 # tailing read for every follower, outside the command pool.
 
-async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once() -> None:
-    cluster = await start_cluster("redis", settings_for(resume_ttl_s=60))
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    cluster = await start_cluster(kind, settings_for(resume_ttl_s=60), request)
     store = cluster.store
     metas = [meta_for((None, None, cluster), stream_id=f"s{index}") for index in range(200)]
     try:
@@ -429,11 +525,13 @@ async def test_redis_writes_of_many_streams_share_commits_and_set_each_ttl_once(
         await cluster.aclose()
 
 
-async def test_redis_followers_tail_through_one_read_and_never_take_the_command_pool() -> None:
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_redis_followers_tail_through_one_read_and_never_take_the_command_pool(
+        kind: str, request: pytest.FixtureRequest) -> None:
     # A pool of two connections: followers that each blocked in a read of their own would
     # starve the writes, and the writer below would never get through.
-    cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=2,
-                                                        resume_ttl_s=60))
+    cluster = await start_cluster(kind, settings_for(redis_max_connections=2, redis_pool_timeout_s=2,
+                                                     resume_ttl_s=60), request)
     store = cluster.store
     count = 300
     metas = [meta_for((None, None, cluster), stream_id=f"f{index}") for index in range(count)]
@@ -474,6 +572,53 @@ async def test_redis_followers_tail_through_one_read_and_never_take_the_command_
         await cluster.aclose()
 
 
+@pytest.mark.parametrize("kind", REDIS_KINDS)
+async def test_a_follower_elsewhere_is_told_of_new_entries_instead_of_waiting_for_its_poll(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    """Process B follows a stream of process A: once A knows B (its follow notice), each
+    commit of A that writes the stream sends B a notice, and B reads at once, well within
+    its fallback poll."""
+    from gateway.cluster.redis.tailer import TAIL_POLL_S
+
+    settings = settings_for(resume_ttl_s=60)
+    a = await start_cluster(kind, settings, request)
+    b = await start_cluster(kind, settings, request)
+    try:
+        meta = meta_for((None, None, a))
+        await a.store.create(meta)
+        await a.store.write(meta, TokenBatch(0, ("a",)))
+        received: list[StreamEvent] = []
+
+        async def follow() -> None:
+            async for event in b.store.follow(meta, -1):
+                received.append(event)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            with anyio.fail_after(5):
+                while texts_of(received)[1] != "a":
+                    await anyio.sleep(0.01)
+                # B's follow notice reaches A (as a resume on B sends it).
+                notice = FollowNotice(meta.user, meta.id, a.node_id, b.node_id)
+                while not a.store._followers:
+                    await b.backplane.publish(notice)
+                    await anyio.sleep(0.02)
+            for index, text in enumerate("bcd", start=1):
+                await a.store.write(meta, TokenBatch(index, (text,)))
+                with anyio.fail_after(TAIL_POLL_S / 2):
+                    while texts_of(received)[1] != "abcd"[:index + 1]:
+                        await anyio.sleep(0.005)
+            await a.store.finish(meta, Done("stop", Usage(1, 4)))
+            with anyio.fail_after(TAIL_POLL_S / 2):
+                while not received or received[-1] != Done("stop", Usage(1, 4)):
+                    await anyio.sleep(0.005)
+        assert a.store.notices >= 4
+        assert not a.store._followers  # forgotten with the terminal
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_a_redis_pool_with_no_free_connection_is_not_redis_down() -> None:
     cluster = await start_cluster("redis", settings_for(redis_max_connections=2, redis_pool_timeout_s=0.2))
     context = cluster.context
@@ -509,3 +654,82 @@ async def test_the_memory_store_gives_back_expired_streams_while_nothing_is_writ
         assert await store.get("u1", "s1") is None
     finally:
         await started.aclose()
+
+
+async def test_a_room_subscription_that_fails_is_made_again_by_the_next_session(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the node refuses one room subscription. The join still returns (the
+    backplane is down for that moment), the supervised listener starts a new session, and
+    the room's messages arrive."""
+    import functools
+
+    import redis.asyncio.client
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from gateway.supervise import supervise
+
+    require_redis()
+    original = redis.asyncio.client.PubSub.ssubscribe
+    refused: list[str] = []
+
+    async def refuse_once(self: Any, *channels: Any, **kwargs: Any) -> Any:
+        if not refused and any("room" in str(channel) for channel in channels):
+            refused.append(str(channels[0]))
+            raise RedisConnectionError("injected")
+        return await original(self, *channels, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "ssubscribe", refuse_once)
+    settings = settings_for().model_copy(update={"cluster_url": TEST_REDIS_URL})
+    started = Started(build_cluster(settings))
+    await started.cluster.start(lambda name, loop: started.spawn(name, functools.partial(supervise, name, loop)))
+    received: list[ControlMessage] = []
+    started.backplane.set_handler(received.append)
+    message = RoomEvents("retried", (Presence("u1", "join"),))
+    try:
+        with anyio.fail_after(5):
+            while started.backplane._session is None:
+                await anyio.sleep(0.01)
+            await started.backplane.subscribe_room("retried")
+            assert refused
+            while message not in received:
+                await started.backplane.publish(message)
+                await anyio.sleep(0.05)
+    finally:
+        await started.aclose()
+
+
+async def test_redis_counts_keep_no_field_of_a_process_whose_time_passed() -> None:
+    cluster = await start_cluster("redis", settings_for(max_connections_per_user=5))
+    context = cluster.context
+    key = context.user_key("u1", "c", "conn")
+    try:
+        # A process that died with a count, and one whose time was left without its count.
+        await context.client.hset(key, mapping={"n-dead": 2, "n-dead:exp": 1, "n-gone:exp": 1})
+        lease = await cluster.limits.add_connection("u1")
+        assert lease is not None
+        fields = await context.client.hgetall(key)
+        assert set(fields) == {context.node_id, context.node_id + ":exp"}
+        assert fields[context.node_id] == "1"
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_redis_without_sharded_pub_sub_is_refused_at_start_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: a server that does not know SPUBLISH (Redis before 7)."""
+    import redis.asyncio
+    from redis.exceptions import ResponseError
+
+    from gateway.cluster.redis.context import RedisUnavailable
+
+    require_redis()
+
+    async def unknown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise ResponseError("unknown command 'SPUBLISH'")
+
+    monkeypatch.setattr(redis.asyncio.Redis, "spublish", unknown)
+    cluster = build_cluster(settings_for().model_copy(update={"cluster_url": TEST_REDIS_URL}))
+    try:
+        with pytest.raises(RedisUnavailable, match="needs Redis 7 or newer"):
+            await cluster.start(lambda name, loop: None)
+    finally:
+        await cluster.aclose()

@@ -79,8 +79,16 @@ def _redis() -> None:
     require_redis()
 
 
-async def test_drop_on_one_process_resume_on_another() -> None:
-    with two_gateways(cluster_env()) as (a, b):
+@pytest.fixture(params=["redis", "redis-cluster"])
+def engine(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The settings of the Redis a test's gateways share: one server, or a Redis Cluster."""
+    if request.param == "redis":
+        return {"GATEWAY_REDIS_URL": TEST_REDIS_URL}
+    return {"GATEWAY_REDIS_URL": request.getfixturevalue("redis_cluster_url"), "GATEWAY_REDIS_CLUSTER": "true"}
+
+
+async def test_drop_on_one_process_resume_on_another(engine: dict[str, str]) -> None:
+    with two_gateways(cluster_env(**engine)) as (a, b):
         async with connected(a, mint("ann")) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "x", "prompt": "story", "max_tokens": 400}))
             first = await recv_until(ws, lambda f: f["type"] == "token" and f["seq"] >= 50)
@@ -94,8 +102,8 @@ async def test_drop_on_one_process_resume_on_another() -> None:
     assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "length"
 
 
-async def test_cancel_on_one_process_stops_the_generation_on_another() -> None:
-    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
+async def test_cancel_on_one_process_stops_the_generation_on_another(engine: dict[str, str]) -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20", **engine)) as (a, b):
         async with connected(a, mint("bo")) as on_a, connected(b, mint("bo")) as on_b:
             await on_a.send(json.dumps({"type": "generate", "id": "long", "prompt": "p", "max_tokens": 4000}))
             await recv_until(on_a, lambda f: f["type"] == "token")
@@ -107,8 +115,8 @@ async def test_cancel_on_one_process_stops_the_generation_on_another() -> None:
             await wait_metric(a, "gateway_active_generations", 0)
 
 
-async def test_broadcast_and_rooms_span_processes() -> None:
-    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="0")) as (a, b):
+async def test_broadcast_and_rooms_span_processes(engine: dict[str, str]) -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="0", **engine)) as (a, b):
         async with connected(a, mint("cy", rooms="*")) as on_a, connected(b, mint("di", rooms=["team"])) as on_b, \
                 httpx.AsyncClient(base_url=b.http) as http:
             admin = {"Authorization": f"Bearer {mint('root', roles=['admin'])}"}
@@ -130,9 +138,9 @@ async def test_broadcast_and_rooms_span_processes() -> None:
     assert stream_text(frames_a, "ai") == "".join(synthetic_tokens("t", 500))
 
 
-async def test_per_user_limits_hold_across_processes() -> None:
+async def test_per_user_limits_hold_across_processes(engine: dict[str, str]) -> None:
     env = cluster_env(GATEWAY_MAX_CONNECTIONS_PER_USER="1", GATEWAY_USER_GENERATE_RATE_PER_S="0.1",
-                      GATEWAY_USER_GENERATE_BURST="2")
+                      GATEWAY_USER_GENERATE_BURST="2", **engine)
     with two_gateways(env) as (a, b):
         async with connected(a, mint("ed")) as on_a:
             async with ws_connect(b.url, mint("ed")) as on_b:
@@ -152,8 +160,8 @@ async def test_per_user_limits_hold_across_processes() -> None:
             assert error["code"] == "rate_limited" and error["retry_after_s"] > 0
 
 
-async def test_a_follower_learns_when_the_producing_process_dies() -> None:
-    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20")) as (a, b):
+async def test_a_follower_learns_when_the_producing_process_dies(engine: dict[str, str]) -> None:
+    with two_gateways(cluster_env(GATEWAY_SYNTHETIC_TOKENS_PER_S="20", **engine)) as (a, b):
         async with connected(a, mint("gil")) as ws:
             await ws.send(json.dumps({"type": "generate", "id": "doomed", "prompt": "p", "max_tokens": 4000}))
             first = await recv_until(ws, lambda f: f["type"] == "token")

@@ -19,7 +19,11 @@ Limits: a granted slot is a ``Lease``; releasing it is the holder's job (in a ``
 and a lease is released by the store that granted it.
 
 Backplane: delivery is at most once and unordered across publishers; from one publisher,
-messages arrive in the order published. Every process receives its own messages too.
+messages to one audience (one node, one room, the broadcasts) arrive in the order
+published (there is no order between audiences). A message reaches its audience
+(``control.audience``) only: its node's process, every process subscribed to its room
+(``subscribe_room``), or every process for a broadcast; the publisher's own process too
+when it is in the audience.
 """
 
 from __future__ import annotations
@@ -132,7 +136,16 @@ class Backplane(Protocol):
         caller supervises and restarts it)."""
 
     async def publish(self, message: ControlMessage) -> None:
-        """Send to every process. Raises when the backplane is unreachable."""
+        """Send to the message's audience. Raises when the backplane is unreachable."""
+
+    async def subscribe_room(self, room: str) -> None:
+        """Receive the room's messages from now on (the first member here joined). Returns
+        once the subscription is in place, or when the backplane is down (it subscribes
+        again when it is back)."""
+
+    async def unsubscribe_room(self, room: str) -> None:
+        """Stop receiving the room's messages (the last member here left): none published
+        after it returns arrives (unless the backplane could not reach Redis)."""
 
 
 class Health:

@@ -1,13 +1,17 @@
 """The messages processes send each other over the backplane, typed, and their one
 serialized form (``to_dict`` / ``from_dict``) for backplanes that cross a process.
 
-- ``Cancel``: the process running that generation cancels it;
-- ``FollowNotice``: someone (on any process) follows this generation, so its owner must
-  not cancel it as abandoned;
+- ``Cancel``: the process running that generation (``node``) cancels it;
+- ``FollowNotice``: someone on process ``follower`` follows this generation, so its owner
+  (``node``) must not cancel it as abandoned, and writes it to the store at once;
 - ``Broadcast``: deliver ``data`` to every socket, or to one user's sockets;
 - ``RoomEvents``: events for every member of a room: a room generation's start, deltas
   (each ``RoomTokens`` a run of one kind) and end, and presence. ``origin`` is the
   session that caused a presence event: it is not told about its own join or leave.
+
+Each message has one audience (``audience``): one process (cancel, follow notice), the
+processes with members in one room (room events), or every process (broadcasts). A
+backplane delivers a message only to its audience.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from gateway.wire.events import REASONING, TEXT, DeltaKind, Done, Failed, RouteT
 class Cancel:
     user: str
     id: str
+    node: str  # the process producing it
 
 
 @dataclass(frozen=True, slots=True)
 class FollowNotice:
     user: str
     id: str
+    node: str  # the process producing it
+    follower: str  # the process following it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,22 @@ ControlMessage = Cancel | FollowNotice | Broadcast | RoomEvents
 
 class MalformedMessage(ValueError):
     pass
+
+
+# Who receives a message: one process, a room's processes, or all of them.
+NODE = "node"
+ROOM = "room"
+BROADCAST = "broadcast"
+PURPOSES = (NODE, ROOM, BROADCAST)
+
+
+def audience(message: ControlMessage) -> tuple[str, str]:
+    """(purpose, name): (``node``, its id), (``room``, its name) or (``broadcast``, "")."""
+    if isinstance(message, RoomEvents):
+        return ROOM, message.room
+    if isinstance(message, Broadcast):
+        return BROADCAST, ""
+    return NODE, message.node
 
 
 # The compact form of a delta's kind, for stores and the backplane: 0 answer text,
@@ -188,9 +211,9 @@ def from_dict(data: Any) -> ControlMessage:
             return RoomEvents(str(data["room"]), tuple(_event_from_dict(e) for e in data["events"]),
                               str(origin) if origin is not None else None)
         if op == "cancel":
-            return Cancel(str(data["user"]), str(data["id"]))
+            return Cancel(str(data["user"]), str(data["id"]), str(data["node"]))
         if op == "follow":
-            return FollowNotice(str(data["user"]), str(data["id"]))
+            return FollowNotice(str(data["user"]), str(data["id"]), str(data["node"]), str(data["follower"]))
         if op == "broadcast":
             user = data.get("user")
             return Broadcast(data.get("data"), str(user) if user is not None else None)

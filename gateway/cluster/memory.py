@@ -18,7 +18,7 @@ import anyio
 
 from config import Settings
 from gateway.cluster.base import Handler, Health, Lease, SpawnLoop, StreamEvent, StreamMeta, TokenBatch
-from gateway.cluster.control import ControlMessage
+from gateway.cluster.control import NODE, ROOM, ControlMessage, audience
 from gateway.core.liveness import TokenBucket
 from gateway.wire.codes import ErrorCode
 from gateway.wire.errors import GatewayError, RateLimited
@@ -33,7 +33,7 @@ class MemoryCluster:
     def __init__(self, settings: Settings) -> None:
         self.store = MemoryStreamStore(settings)
         self.limits = MemoryLimitStore(settings)
-        self.backplane = MemoryBackplane()
+        self.backplane = MemoryBackplane(self.node_id)
         self.health = Health()
 
     async def start(self, spawn: SpawnLoop) -> None:
@@ -48,12 +48,15 @@ def build(settings: Settings, url: str = "memory://") -> MemoryCluster:
 
 
 class MemoryBackplane:
-    """Messages are handled at once, in the publisher's task."""
+    """Messages are handled at once, in the publisher's task, when this process is their
+    audience."""
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, node_id: str) -> None:
         self._handler: Handler | None = None
+        self.node_id = node_id
+        self.rooms: set[str] = set()
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
@@ -62,8 +65,17 @@ class MemoryBackplane:
         await anyio.sleep_forever()
 
     async def publish(self, message: ControlMessage) -> None:
+        purpose, name = audience(message)
+        if (purpose == NODE and name != self.node_id) or (purpose == ROOM and name not in self.rooms):
+            return
         if self._handler is not None:
             self._handler(message)
+
+    async def subscribe_room(self, room: str) -> None:
+        self.rooms.add(room)
+
+    async def unsubscribe_room(self, room: str) -> None:
+        self.rooms.discard(room)
 
 
 # What a kept token costs beyond its text: the str object and its slot in a list.

@@ -321,7 +321,7 @@ async def _announce(hub: Hub, meta: StreamMeta) -> None:
     interval = follow_notice_interval(hub.settings)
     while True:
         with contextlib.suppress(Exception):
-            await hub.publish(FollowNotice(meta.user, meta.id))
+            await hub.publish(FollowNotice(meta.user, meta.id, meta.node, hub.cluster.node_id))
         await anyio.sleep(interval)
 
 
@@ -392,8 +392,8 @@ async def cancel(hub: Hub, request: Request, principal: Principal) -> Response:
     if generation is not None:
         generation.cancel(None, "cancelled")
     else:
-        await _stored_meta(hub, user, stream_id)
-        await publish_or_unavailable(hub, Cancel(user, stream_id))
+        meta = await _stored_meta(hub, user, stream_id)
+        await publish_or_unavailable(hub, Cancel(user, stream_id, meta.node))
     return Response(b'{"id":"%s","object":"chat.completion.cancellation","cancelled":true}' % stream_id.encode(),
                     media_type="application/json", headers={GENERATION_ID_HEADER: stream_id})
 

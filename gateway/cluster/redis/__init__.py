@@ -1,5 +1,6 @@
-"""The cluster on Redis (``redis://`` or ``rediss://``): any number of processes and hosts
-act as one. Imported only for those schemes, so redis-py stays an optional dependency."""
+"""The cluster on Redis (``redis://`` or ``rediss://``, one server or a Redis Cluster with
+``GATEWAY_REDIS_CLUSTER``): any number of processes and hosts act as one. Imported only
+for those schemes, so redis-py stays an optional dependency."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ class RedisCluster:
         self.store = RedisStreamStore(settings, self.context)
         self.limits = RedisLimitStore(settings, self.context)
         self.backplane = RedisBackplane(self.context)
+        self.backplane.on_follow = self.store.followed_from
+        self.backplane.on_written = self.store.tailer.written
 
     async def start(self, spawn: SpawnLoop) -> None:
         await self.context.start()
         spawn("redis heartbeat", self.context.heartbeat)
         spawn("backplane listener", self.backplane.run)
         spawn("stream tailer", self.store.tailer.run)
+        spawn("limits refresh", self.limits.refresh)
 
     async def aclose(self) -> None:
         await self.context.aclose()

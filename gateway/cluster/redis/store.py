@@ -1,12 +1,13 @@
 """Stream store in Redis: one Redis Stream per generation, capped, with a TTL.
 
-Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v2:``):
-- ``m:<user>:<id>``: the stream's metadata (JSON), created with SET NX: the id claim;
-- ``s:<user>:<id>``: the Redis Stream; one entry per batch of deltas (``f`` first seq,
+Keys (prefix ``GATEWAY_REDIS_PREFIX`` then ``v3:``; the user is the hash tag, so a user's
+keys share one cluster slot):
+- ``{<user>}:m:<id>``: the stream's metadata (JSON), created with SET NX: the id claim;
+- ``{<user>}:s:<id>``: the Redis Stream; one entry per batch of deltas (``f`` first seq,
   ``t`` JSON list of texts, and ``k`` a JSON list of their kinds in the compact form of
   ``gateway.cluster.control.kind_to_wire``, only when some delta is not answer text) and
   one terminal entry (``e`` the terminal event as JSON);
-- ``u:<user>``: a sorted set of the user's stream ids by creation time, for ``hello``.
+- ``{<user>}:u``: a sorted set of the user's stream ids by creation time, for ``hello``.
 
 ``create`` is one round trip. Writes of every generation of the process go through one
 group commit (``commit.py``): one pipeline per flush interval, one XADD per generation
@@ -14,30 +15,36 @@ that has new tokens. The TTLs are set at create (metadata, index), with a stream
 XADD (its key) and with its terminal (the stream and its metadata; the index's TTL is a
 tenth longer, so it outlives them), and refreshed at least every tenth of the TTL in
 between, so a paced stream costs about one command per write, and the
-generation decides how often it writes (``gateway.generation``).
-Followers read what is stored, then the live tail through the process's one tailing read
-(``tailer.py``).
+generation decides how often it writes (``gateway.store_writer``).
+Followers read what is stored, then the live tail through the process's tailing reads
+(``tailer.py``). After a commit that wrote streams followed on other processes, one
+pipeline of ``SPUBLISH`` tells each of those processes which of its streams have new
+entries (on its node channel); a commit also wakes this process's own tailer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from config import Settings
 from gateway.cluster.base import StreamEvent, StreamMeta, TokenBatch
-from gateway.cluster.control import kind_from_wire, kind_to_wire, terminal_from_dict, terminal_to_dict
+from gateway.cluster.control import FollowNotice, kind_from_wire, kind_to_wire, terminal_from_dict, terminal_to_dict
+from gateway.cluster.redis.backplane import written_payload
 from gateway.cluster.redis.commit import GroupCommit
 from gateway.cluster.redis.context import RedisContext
 from gateway.cluster.redis.tailer import TAIL_COUNT, Entry, StreamTailer
 from gateway.wire.codes import ErrorCode
 from gateway.wire.events import Failed, Terminal
+
+logger = logging.getLogger("gateway.redis")
 
 # How long a follower waits for the tail before checking that the producer is alive.
 FOLLOW_IDLE_CHECK_S = 1.0
@@ -47,6 +54,8 @@ USER_INDEX_MAX = 200
 TTL_REFRESH_FRACTION = 0.1
 # Running streams whose TTL state is kept; past it the state is forgotten (and rebuilt).
 TTL_TRACKED_MAX = 100_000
+# Running streams of this process with followers elsewhere that are remembered.
+FOLLOWED_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +86,31 @@ class RedisStreamStore:
         # Running streams of this process, by (user, id): when their TTLs were last all set
         # (monotonic), and whether their stream key has one yet.
         self._ttl_set: dict[tuple[str, str], tuple[float, bool]] = {}
+        # Streams of this process followed on other processes: the processes, by stream key,
+        # from their follow notices until the stream's terminal.
+        self._followers: dict[str, set[str]] = {}
+        # "written" notices sent, for tests and benchmarks.
+        self.notices = 0
 
     def _meta_key(self, user: str, stream_id: str) -> str:
-        return self.ctx.key("m", user, stream_id)
+        return self.ctx.user_key(user, "m", stream_id)
 
     def _stream_key(self, user: str, stream_id: str) -> str:
-        return self.ctx.key("s", user, stream_id)
+        return self.ctx.user_key(user, "s", stream_id)
 
     def _user_key(self, user: str) -> str:
-        return self.ctx.key("u", user)
+        return self.ctx.user_key(user, "u")
+
+    def followed_from(self, notice: FollowNotice) -> None:
+        """A follow notice for a stream of this process: tell its follower's process when
+        the stream has new entries."""
+        if notice.node != self.ctx.node_id or notice.follower == self.ctx.node_id:
+            return
+        if (notice.user, notice.id) not in self._ttl_set:
+            return  # not running here (finished, or never was): nothing more to tell
+        if len(self._followers) >= FOLLOWED_MAX:
+            self._followers.clear()  # forgotten followers read at their next poll
+        self._followers.setdefault(self._stream_key(notice.user, notice.id), set()).add(notice.follower)
 
     async def create(self, meta: StreamMeta) -> bool:
         """One round trip: the claim, and the user's index (ZADD NX: a lost claim's id is
@@ -128,7 +153,7 @@ class RedisStreamStore:
             ident = (meta.user, meta.id)
             stream_key = self._stream_key(meta.user, meta.id)
             if write.fields is not None:
-                pipe.xadd(stream_key, write.fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(stream_key, write.fields, maxlen=self.max_entries, approximate=True)
             known = self._ttl_set.get(ident)
             if write.final or known is None or now - known[0] >= refresh_after:
                 pipe.expire(stream_key, self.ttl_s)
@@ -156,6 +181,30 @@ class RedisStreamStore:
                 else:
                     self._ttl_set[ident] = known
             raise
+        await self._notify([write for write in writes if write.fields is not None])
+
+    async def _notify(self, writes: list[_Write]) -> None:
+        """After the commit: the processes following these streams read them now. Best
+        effort: a lost notice delays the follower until its next poll."""
+        keys = [self._stream_key(write.meta.user, write.meta.id) for write in writes]
+        self.tailer.written(keys)
+        if not self._followers:
+            return
+        by_node: dict[str, list[str]] = {}
+        for write, key in zip(writes, keys, strict=True):
+            nodes = self._followers.pop(key, ()) if write.final else self._followers.get(key, ())
+            for node in nodes:
+                by_node.setdefault(node, []).append(key)
+        if not by_node:
+            return
+        pipe = self.ctx.client.pipeline(transaction=False)
+        for node, node_keys in by_node.items():
+            pipe.spublish(self.ctx.channel("node", node), written_payload(node_keys))
+        try:
+            await pipe.execute()
+            self.notices += len(by_node)
+        except (RedisError, RedisClusterException, OSError):
+            logger.debug("could not send a written notice")
 
     async def touch(self, meta: StreamMeta) -> None:
         known = self._ttl_set.get((meta.user, meta.id))
@@ -232,7 +281,7 @@ class RedisStreamStore:
             self.tailer.unsubscribe(subscription)
 
     async def resumable(self, user: str) -> list[StreamMeta]:
-        ids: list[str] = list(await self.ctx.client.zrange(self._user_key(user), 0, -1))  # type: ignore[arg-type]
+        ids: list[str] = list(await self.ctx.client.zrange(self._user_key(user), 0, -1))
         if not ids:
             return []
         raws = await self.ctx.client.mget([self._meta_key(user, stream_id) for stream_id in ids])
